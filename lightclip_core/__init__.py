@@ -1,0 +1,3 @@
+"""LightCLIP: a training pipeline for lightweight CLIP models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""`lightclip <stage>`: the command line used by DVC stages, Kubeflow components and people.
+
+Each command validates params.yaml (plus `--set key=value` overrides) and its input paths before any work; a bad
+value prints one line and exits with code 2. The stage itself is a function in lightclip_core.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lightclip_core.config import Config, ConfigError, load_config
+
+log = logging.getLogger("lightclip")
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(ConfigError):
+    """A path given on the command line is missing or of the wrong kind."""
+
+
+def _existing(path: str, what: str, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{flag}={path!r}: {what} does not exist")
+    return p
+
+
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.data.prepare import prepare
+    from lightclip_core.tracking.mlflow_utils import StageRun
+
+    with StageRun(cfg, "prepare") as run:
+        result = prepare(cfg.data, args.out)
+        run.log_metrics({f"samples/{k}": v for k, v in result.counts.items()})
+        run.log_metrics({f"skipped/{k}": v for k, v in result.skipped.items()})
+    return {"out": str(args.out), "counts": result.counts, "skipped": result.skipped}
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.tracking.mlflow_utils import StageRun
+    from lightclip_core.train.trainer import train
+
+    train_dir = _existing(args.data, "training split", "--data")
+    out = Path(args.out)
+    with StageRun(cfg, "train", inputs={"data": train_dir}) as run:
+        result = train(cfg, train_dir, out, sink=run)
+        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
+        run.log_artifact(result.train_log)
+    _write_metrics(out / "metrics.json", result.metrics)
+    return {"checkpoint": str(result.final_checkpoint), **result.metrics}
+
+
+def cmd_export(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.export.exporter import export
+    from lightclip_core.tracking.mlflow_utils import StageRun
+
+    checkpoint = _existing(args.checkpoint, "checkpoint", "--checkpoint")
+    with StageRun(cfg, "export", inputs={"checkpoint": checkpoint}) as run:
+        result = export(cfg, checkpoint, args.out)
+        run.log_metrics({f"parity/{k}": v for k, v in _flat_numbers(result.parity).items()})
+        run.log_artifact(Path(args.out) / "config.json")
+    return {"out": str(args.out), "parity": result.parity}
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.evaluate.stage import evaluate
+    from lightclip_core.tracking.mlflow_utils import StageRun
+
+    export_dir = _existing(args.model, "export directory", "--model")
+    test_dir = _existing(args.data, "test split", "--data")
+    train_log = Path(args.train_log) if args.train_log else None
+    with StageRun(cfg, "evaluate", inputs={"model": export_dir, "data": test_dir}) as run:
+        result = evaluate(cfg, export_dir, test_dir, args.out, train_log=train_log)
+        run.log_metrics(result.metrics)
+        run.log_artifact(args.out)
+    return result.metrics
+
+
+def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _write_metrics(path: Path, metrics: dict) -> None:
+    from lightclip_core.data.storage import write_json_atomic
+
+    write_json_atomic(path, metrics)
+
+
+COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], dict], str]] = {
+    "prepare": (cmd_prepare, "generate the synthetic dataset or ingest real data into shards"),
+    "train": (cmd_train, "train a CLIP model on prepared shards"),
+    "export": (cmd_export, "export a trained checkpoint to safetensors + ONNX, with a parity check"),
+    "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightclip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set train.lr=5e-4 (repeatable)")
+    common.add_argument("-v", "--verbose", action="store_true")
+    parsers = {name: sub.add_parser(name, parents=[common], help=help_) for name, (_, help_) in COMMANDS.items()}
+    parsers["prepare"].add_argument("--out", default="artifacts/data")
+    parsers["train"].add_argument("--data", default="artifacts/data/train")
+    parsers["train"].add_argument("--out", default="artifacts/train")
+    parsers["export"].add_argument("--checkpoint", default="artifacts/train/final.pt")
+    parsers["export"].add_argument("--out", default="artifacts/export")
+    parsers["evaluate"].add_argument("--model", default="artifacts/export")
+    parsers["evaluate"].add_argument("--data", default="artifacts/data/test")
+    parsers["evaluate"].add_argument("--train-log", default="artifacts/train/train_log.csv")
+    parsers["evaluate"].add_argument("--out", default="artifacts/eval")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command, _ = COMMANDS[args.command]
+    try:
+        cfg = load_config(args.params, args.overrides)
+        summary = command(cfg, args)
+    except ConfigError as err:  # bad parameters or paths: one line, no traceback, nothing done
+        print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

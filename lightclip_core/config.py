@@ -1,0 +1,270 @@
+"""The schema of params.yaml: one pydantic model per section, strict, with one-line errors.
+
+Every command loads its parameters through :func:`load_config`; a bad value raises :class:`ConfigError`, whose
+message names the field, the value and what is allowed. The CLI turns it into exit code 2 before any work.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A parameter is invalid. The message is one line: field, value, what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- data
+class SyntheticData(_Section):
+    num_train: int = Field(20000, ge=1)
+    num_val: int = Field(1000, ge=1)
+    num_test: int = Field(1000, ge=1)
+    image_size: int = Field(64, ge=16, le=1024)
+    noise_fraction: float = Field(0.1, ge=0.0, le=1.0, description="fraction of captions with a wrong attribute")
+
+
+class IngestData(_Section):
+    path: str | None = Field(None, description="input directory, tar shard directory or caption JSON")
+    images_dir: str | None = Field(None, description="image root for `coco` caption JSON")
+    class_names: str | None = Field(None, description="optional file with one class name per line (imagefolder)")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail past this fraction of bad samples")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "IngestData":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction}; must be < 1")
+        return self
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "webdataset", "coco", "imagefolder"] = "synthetic"
+    seed: int = Field(0, ge=0)
+    samples_per_shard: int = Field(2000, ge=1)
+    image_format: Literal["png", "jpg"] = "png"
+    synthetic: SyntheticData = SyntheticData()
+    ingest: IngestData = IngestData()
+
+    @model_validator(mode="after")
+    def _ingest_path(self) -> "DataConfig":
+        if self.source != "synthetic":
+            if not self.ingest.path:
+                raise ValueError(f"data.source={self.source!r} needs data.ingest.path")
+            if not Path(self.ingest.path).exists():
+                raise ValueError(f"data.ingest.path={self.ingest.path!r} does not exist")
+            if self.source == "coco" and self.ingest.images_dir and not Path(self.ingest.images_dir).is_dir():
+                raise ValueError(f"data.ingest.images_dir={self.ingest.images_dir!r} is not a directory")
+        if self.ingest.class_names and not Path(self.ingest.class_names).is_file():
+            raise ValueError(f"data.ingest.class_names={self.ingest.class_names!r} is not a file")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------- model
+class TextConfig(_Section):
+    context_length: int = Field(32, ge=4, le=77)
+    width: int = Field(256, ge=8)
+    heads: int = Field(4, ge=1)
+    layers: int = Field(4, ge=1, le=24)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TextConfig":
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} must be divisible by text.heads={self.heads}")
+        return self
+
+
+class ImageConfig(_Section):
+    tower: str = Field("mobilenetv2_100", description="any timm model name")
+    size: int = Field(64, ge=16, le=1024)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+
+    @field_validator("tower")
+    @classmethod
+    def _known_tower(cls, name: str) -> str:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+        return name
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(std) <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        return std
+
+
+class ModelConfig(_Section):
+    embed_dim: int = Field(256, ge=8)
+    init_logit_scale: float = Field(2.6592, description="log(1/0.07), the CLIP initialisation")
+    max_logit_scale: float = Field(100.0, gt=1.0)
+    image: ImageConfig = ImageConfig()
+    text: TextConfig = TextConfig()
+
+
+# -------------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=2)
+    epochs: float = Field(3.0, gt=0, description="passes over the training split (fractions allowed)")
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    workers: int = Field(1, ge=0, le=64)
+    shuffle_buffer: int = Field(1000, ge=0)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    deterministic: bool = True
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
+
+
+# ------------------------------------------------------------------------------------------------- export
+class ExportConfig(_Section):
+    onnx: bool = True
+    opset: int = Field(18, ge=13, le=23)
+    parity_tolerance: float = Field(1e-4, gt=0)
+    parity_batch: int = Field(4, ge=2)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture showing a {}.")
+
+
+class EvaluateConfig(_Section):
+    tasks: list[str] | None = Field(None, description="zero-shot tasks from the test manifest; default: all")
+    templates: list[str] = list(DEFAULT_TEMPLATES)
+    recall_at: list[int] = [1, 5, 10]
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str]) -> list[str]:
+        if not templates:
+            raise ValueError("at least one template is needed")
+        for t in templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
+        return templates
+
+    @field_validator("recall_at")
+    @classmethod
+    def _positive_k(cls, ks: list[int]) -> list[int]:
+        if not ks or min(ks) < 1:
+            raise ValueError(f"recall_at must be a non-empty list of positive integers, got {ks}")
+        return ks
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+class TrackingConfig(_Section):
+    experiment: str = Field("lightclip", min_length=1)
+    uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo")
+    enabled: bool = True
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Parameters flattened to dotted keys, as logged to MLflow."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------- loading
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (value {first['input']!r}); check the spelling against params.yaml"
+    if not loc:  # a model-level validator: its message already names the fields
+        return msg
+    value = first.get("input")
+    return f"{loc}={value!r}: {msg}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings to a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        key, text = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, raw)) from None
+
+
+def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (if given), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"params file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"params file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"params file {str(p)!r}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return validate(raw)

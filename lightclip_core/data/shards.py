@@ -1,0 +1,187 @@
+"""WebDataset shards with a manifest: the one data contract between stages (DESIGN.md section 3).
+
+A dataset directory holds `<split>-NNNNNN.tar` shards and `manifest.json`:
+``{"schema_version", "split", "num_samples", "shards": [{"url", "num_samples", "sha256"}], "params",
+"tasks": {name: {"label_key", "classes"}}, "skipped"}``. Shard URLs are relative to the manifest's directory,
+so a dataset can be moved or cached by DVC as a whole. Shards are written under a temporary name and renamed;
+the manifest is written last, so a reader that trusts the manifest never sees a partial dataset.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+
+from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_FIXED_MTIME = 0.0  # shards are byte-identical for the same samples, so their sha256 is reproducible
+
+
+@dataclass
+class Sample:
+    """One image-text pair as stored: encoded image bytes, caption and JSON metadata."""
+
+    key: str
+    image: bytes
+    image_ext: str
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_wds(self) -> dict[str, Any]:
+        return {"__key__": self.key, self.image_ext: self.image, "txt": self.caption, "json": self.meta}
+
+
+class ShardSetWriter:
+    """Write samples into numbered shards of a split, publishing each shard atomically, then the manifest."""
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, samples_per_shard: int):
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[Sample] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, sample: Sample) -> None:
+        self._pending.append(sample)
+        if len(self._pending) >= self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        final = self.out_dir / name
+        with atomic_path(final) as tmp:
+            with open(tmp, "wb") as f:
+                sink = wds.TarWriter(f, mtime=_FIXED_MTIME)
+                for s in self._pending:
+                    sink.write(s.as_wds())
+                sink.close()
+        self.shards.append({"url": name, "num_samples": len(self._pending), "sha256": sha256_file(final)})
+        self._pending = []
+
+    def close(self, params: dict[str, Any], tasks: dict[str, Any] | None = None,
+              skipped: dict[str, int] | None = None) -> dict[str, Any]:
+        """Flush the last shard and publish the manifest; returns the manifest."""
+        self._flush()
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "split": self.split,
+            "num_samples": sum(s["num_samples"] for s in self.shards),
+            "shards": self.shards,
+            "params": params,
+            "tasks": tasks or {},
+            "skipped": skipped or {},
+        }
+        write_json_atomic(self.out_dir / MANIFEST, manifest)
+        return manifest
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: run `lightclip prepare` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:
+    manifest = manifest or read_manifest(dataset_dir)
+    return [str(Path(dataset_dir) / s["url"]) for s in manifest["shards"]]
+
+
+def verify_shards(dataset_dir: str | os.PathLike) -> None:
+    """Raise if any shard is missing or its sha256 differs from the manifest."""
+    manifest = read_manifest(dataset_dir)
+    for shard in manifest["shards"]:
+        path = Path(dataset_dir) / shard["url"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+        if sha256_file(path) != shard["sha256"]:
+            raise ValueError(f"shard {path}: sha256 does not match the manifest")
+
+
+def iter_raw_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Raw WebDataset samples (bytes per extension) from tar files, in order, without boundary markers."""
+    for sample in wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples()):
+        if sample.get("__key__"):  # webdataset 1.0.x yields an empty dict at every shard boundary
+            yield sample
+
+
+def decode_image(raw: dict[str, Any]):
+    """The PIL image of a raw sample (`jpg`, `jpeg`, `png` or `webp`), converted to RGB."""
+    from PIL import Image
+
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in raw:
+            with Image.open(io.BytesIO(raw[ext])) as im:
+                return im.convert("RGB")
+    raise KeyError(f"sample {raw.get('__key__')!r} has no image (keys: {sorted(raw)})")
+
+
+def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(raw["json"]) if "json" in raw else {}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Decoded samples from shards, shuffled deterministically from (seed, epoch), split across workers.
+
+    Shard order is shuffled per epoch; each DataLoader worker takes every n-th shard; a per-worker buffer shuffles
+    samples. `decode(raw) -> item` runs inside the worker. For the same seed, epoch and worker count the order is
+    the same on every run.
+    """
+
+    def __init__(self, urls: list[str], decode: Callable[[dict[str, Any]], Any], seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000):
+        super().__init__()
+        self.urls = list(urls)
+        self.decode = decode
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_urls(self) -> tuple[list[str], int]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return urls[worker::workers], worker
+
+    def __iter__(self) -> Iterator[Any]:
+        urls, worker = self._my_urls()
+        samples = iter_raw_samples(urls)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{worker}")
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
+        for raw in samples:
+            yield self.decode(raw)
+
+
+def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf

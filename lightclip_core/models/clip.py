@@ -1,0 +1,64 @@
+"""The CLIP model: an image tower and a text tower meeting in a joint space, with a learnable temperature."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightclip_core.config import ModelConfig
+from lightclip_core.data.tokenizer import special_token_ids, vocab_size
+from lightclip_core.models.image_tower import ImageTower
+from lightclip_core.models.text_tower import TextTower
+
+
+class CLIP(nn.Module):
+    """`encode_image` / `encode_text` give L2-normalised embeddings; `forward` also returns the logit scale
+    `exp(logit_scale)`, clamped at `max_logit_scale` (100 in CLIP)."""
+
+    def __init__(self, cfg: ModelConfig, pretrained_image: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = ImageTower(cfg.image.tower, cfg.embed_dim, pretrained=pretrained_image)
+        t = cfg.text
+        self.text = TextTower(vocab_size(), t.context_length, t.width, t.heads, t.layers, cfg.embed_dim,
+                              mlp_ratio=t.mlp_ratio, eot_token_id=special_token_ids()["eot"])
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.max_logit_scale = float(cfg.max_logit_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        emb = self.visual(images)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        emb = self.text(tokens)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text(tokens),
+            "logit_scale": self.scale(),
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: biases, norms, embeddings and the temperature."""
+        return {n for n, p in self.named_parameters()
+                if p.ndim < 2 or "embedding" in n or n == "logit_scale"}
+
+
+def build_model(cfg: ModelConfig) -> CLIP:
+    return CLIP(cfg)
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    return {"params_total": count(model), "params_image": count(model.visual), "params_text": count(model.text)}
+
+

@@ -1,0 +1,206 @@
+"""The training stage: setup, loop, log, checkpoint.
+
+Objectives are modules returning named loss terms (losses/); the trainer sums every `*_loss` term and logs each.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lightclip_core.config import Config
+from lightclip_core.data.shards import ShardStream, decode_image, read_manifest, shard_paths
+from lightclip_core.data.tokenizer import tokenize
+from lightclip_core.data.transforms import image_transform
+from lightclip_core.losses import ContrastiveObjective
+from lightclip_core.models import build_model, model_summary
+from lightclip_core.train.checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
+from lightclip_core.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("step", "epoch", "loss", "contrastive_loss", "lr", "logit_scale", "samples_per_s")
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    final_checkpoint: Path
+    train_log: Path
+    steps: int
+    samples_seen: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class PairDecoder:
+    """Raw WebDataset sample -> (image tensor, token ids); runs in DataLoader workers."""
+
+    def __init__(self, cfg: Config):
+        img = cfg.model.image
+        self.transform = image_transform(img.size, img.mean, img.std, img.interpolation)
+        self.context_length = cfg.model.text.context_length
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        caption = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
+        return self.transform(decode_image(raw)), tokenize(caption, self.context_length)[0]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
+    t = cfg.train
+    skip = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps). Every step sees a full batch (the last partial batch is dropped)."""
+    steps_per_epoch = num_samples // cfg.train.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size}: larger than the training split ({num_samples})")
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def make_loader(cfg: Config, train_dir: Path) -> tuple[torch.utils.data.DataLoader, ShardStream]:
+    t = cfg.train
+    stream = ShardStream(shard_paths(train_dir), PairDecoder(cfg), seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=t.batch_size, num_workers=t.workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+    )
+    return loader, stream
+
+
+def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_steps: int):
+    """Yield (epoch, batch) until `total_steps` batches, reshuffling shards every epoch."""
+    step, epoch = 0, 0
+    while step < total_steps:
+        stream.set_epoch(epoch)
+        produced = 0
+        for batch in loader:
+            yield epoch, batch
+            produced += 1
+            step += 1
+            if step >= total_steps:
+                return
+        if produced == 0:
+            raise RuntimeError("the training data yielded no full batch: more shards or a smaller batch are needed")
+        epoch += 1
+
+
+def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          sink: MetricSink | None = None) -> TrainResult:
+    """Train a CLIP model on the shards in `train_dir`; write checkpoints, the final weights and a step log."""
+    t = cfg.train
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed, t.deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    num_samples = read_manifest(train_dir)["num_samples"]
+    steps_per_epoch, total_steps = plan_steps(cfg, num_samples)
+    model = build_model(cfg.model).to(device)
+    objectives = nn.ModuleList([ContrastiveObjective()]).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps)
+    loader, stream = make_loader(cfg, train_dir)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
+                else contextlib.nullcontext())
+    log.info("training %s for %d steps (%d per epoch), batch %d, on %s", model_summary(model), total_steps,
+             steps_per_epoch, t.batch_size, device)
+
+    log_path = out_dir / "train_log.csv"
+    rows: list[dict[str, float]] = []
+    model.train()
+    started = time.perf_counter()
+    tick = started
+    step = 0
+    with open(log_path, "w", newline="") as log_file, tqdm(total=total_steps, desc="train", unit="step") as bar:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for epoch, (images, tokens) in batches(loader, stream, total_steps):
+            images = images.to(device, non_blocking=True)
+            tokens = tokens.to(device, non_blocking=True)
+            with autocast:
+                outputs = model(images, tokens)
+                terms = {k: v for obj in objectives for k, v in obj(outputs).items()}
+            loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt_dir}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+
+            now = time.perf_counter()
+            row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                   "logit_scale": outputs["logit_scale"].item(), "samples_per_s": t.batch_size / (now - tick),
+                   **{k: v.item() for k, v in terms.items()}}
+            tick = now
+            rows.append(row)
+            writer.writerow(row)
+            if sink is not None and step % t.log_every == 0:
+                sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+            bar.update()
+            if step % t.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(ckpt_dir / checkpoint_name(step), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                    "model_config": cfg.model.model_dump(mode="json"),
+                })
+                prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+
+    wall = time.perf_counter() - started
+    final = save_checkpoint(out_dir / "final.pt", {
+        "model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": step})
+    tail = rows[-min(len(rows), 20):]
+    metrics = {
+        "steps": float(step),
+        "samples_seen": float(step * t.batch_size),
+        "wall_time_s": wall,
+        "samples_per_s": step * t.batch_size / wall,
+        "final_loss": float(np.mean([r["loss"] for r in tail])),
+        "final_logit_scale": tail[-1]["logit_scale"],
+    }
+    log.info("trained %d steps in %.1f s (%.1f samples/s), final loss %.4f", step, wall, metrics["samples_per_s"],
+             metrics["final_loss"])
+    return TrainResult(final, log_path, step, step * t.batch_size, metrics)
