@@ -128,6 +128,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = Field(True, description="NHWC image tensors: faster convolutions on CPU and GPU")
     workers: int = Field(1, ge=0, le=64)
     shuffle_buffer: int = Field(1000, ge=0)
     checkpoint_every: int = Field(200, ge=1)
@@ -211,9 +212,12 @@ def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key (value {first['input']!r}); check the spelling against params.yaml"
-    if not loc:  # a model-level validator: its message already names the fields
-        return msg
     value = first.get("input")
+    if not loc or isinstance(value, dict):  # a section-level validator: its message names the fields
+        return f"{loc}: {msg}" if loc else msg
+    if first["type"] == "missing" and isinstance(first["loc"][-1], int):  # a short tuple such as mean/std
+        parent = ".".join(str(p) for p in first["loc"][:-1])
+        return f"{parent}: too few values, {msg.lower()} at index {first['loc'][-1]}"
     return f"{loc}={value!r}: {msg}"
 
 

@@ -26,3 +26,10 @@ def vocab_size() -> int:
 def special_token_ids() -> dict[str, int]:
     tok = get_tokenizer(77)
     return {"sot": tok.sot_token_id, "eot": tok.eot_token_id, "pad": 0}
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns that no sequence in the batch uses. Exact for a causal text tower pooled at the
+    end-of-text token (nothing after it can reach it), and it makes short captions cheap."""
+    used = int((tokens != 0).sum(dim=1).max())
+    return tokens[:, :max(used, 1)]

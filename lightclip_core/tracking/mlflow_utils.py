@@ -50,10 +50,10 @@ def dvc_hash(path: str | os.PathLike) -> str:
     return obj.hash_info.value
 
 
-def _artifact_location(uri: str, root: Path | None) -> str | None:
-    """Local artifact store next to a local SQLite backend; a server decides its own."""
-    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        return ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go to `mlartifacts/` beside the database; a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return None
 
 
@@ -81,7 +81,7 @@ class StageRun:
         mlflow.set_tracking_uri(uri)
         name = self.cfg.tracking.experiment
         if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=_artifact_location(uri, self.root))
+            mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
         mlflow.set_experiment(name)
         run = mlflow.start_run(run_name=self.stage)
         self.run_id = run.info.run_id

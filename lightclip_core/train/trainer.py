@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lightclip_core.config import Config
 from lightclip_core.data.shards import ShardStream, decode_image, read_manifest, shard_paths
-from lightclip_core.data.tokenizer import tokenize
+from lightclip_core.data.tokenizer import tokenize, trim_padding
 from lightclip_core.data.transforms import image_transform
 from lightclip_core.losses import ContrastiveObjective
 from lightclip_core.models import build_model, model_summary
@@ -135,6 +135,8 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     num_samples = read_manifest(train_dir)["num_samples"]
     steps_per_epoch, total_steps = plan_steps(cfg, num_samples)
     model = build_model(cfg.model).to(device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model.visual.to(memory_format=memory_format)
     objectives = nn.ModuleList([ContrastiveObjective()]).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps)
@@ -154,8 +156,8 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for epoch, (images, tokens) in batches(loader, stream, total_steps):
-            images = images.to(device, non_blocking=True)
-            tokens = tokens.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            tokens = trim_padding(tokens).to(device, non_blocking=True)
             with autocast:
                 outputs = model(images, tokens)
                 terms = {k: v for obj in objectives for k, v in obj(outputs).items()}
@@ -177,6 +179,7 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
             tick = now
             rows.append(row)
             writer.writerow(row)
+            log_file.flush()  # the log is readable while training runs
             if sink is not None and step % t.log_every == 0:
                 sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")

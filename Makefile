@@ -1,0 +1,32 @@
+# Set-up and entry points. `make run` and `make test` are the two commands of the README.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: run test test-fast ui benchmarks
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+## create the environment, then run the embedded default end to end (prepare -> train -> export -> evaluate)
+run: $(VENV)/.installed
+	. $(VENV)/bin/activate && dvc repro && dvc push
+
+## the whole test suite (unit + integration; about 10 minutes on 2 cores)
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+## unit tests only
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+## the MLflow UI on the local results, at http://127.0.0.1:5000
+ui: $(VENV)/.installed
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+benchmarks: $(VENV)/.installed
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/loader_throughput.py

@@ -1,0 +1,55 @@
+"""Shared by the benchmarks: machine description, a small synthetic dataset, and result publication.
+
+Each benchmark writes `benchmarks/results/<name>.json` and replaces its own row in docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TABLE = ROOT / "docs" / "BENCHMARKS.md"
+TABLE_HEADER = ("| benchmark | measured | reference | ratio | machine | date | command |\n"
+                "|---|---|---|---|---|---|---|\n")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} cores {cpu}{gpu}, torch {torch.__version__}"
+
+
+def median_after_warmup(values: list[float], warmup: int) -> float:
+    return statistics.median(values[warmup:] if len(values) > warmup else values)
+
+
+def publish(name: str, result: dict[str, Any], measured: str, reference: str, ratio: float, command: str) -> None:
+    """Write the JSON result and put this benchmark's row into the table (one row per benchmark name)."""
+    result = {"name": name, "machine": machine(), "date": date.today().isoformat(), "command": command, **result}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    row = (f"| {name} | {measured} | {reference} | {ratio:.2f} | {result['machine']} | {result['date']} "
+           f"| `{command}` |\n")
+    text = TABLE.read_text() if TABLE.exists() else "# Benchmarks\n\n"
+    if TABLE_HEADER not in text:
+        text = text.rstrip("\n") + "\n\n" + TABLE_HEADER
+    lines = [ln for ln in text.splitlines(keepends=True) if not ln.startswith(f"| {name} |")]
+    header_end = "".join(lines).index(TABLE_HEADER) + len(TABLE_HEADER)
+    text = "".join(lines)
+    TABLE.write_text(text[:header_end] + row + text[header_end:])
+    print(json.dumps(result, indent=2))

@@ -1,0 +1,111 @@
+"""params.yaml validation: every bad value stops the command with one line naming the field, exit code 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightclip_core.cli import main
+from lightclip_core.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_spells_out_the_schema_defaults():
+    assert load_config(ROOT / "params.yaml") == Config()
+
+
+def test_overrides_are_parsed_as_yaml_scalars():
+    cfg = load_config(ROOT / "params.yaml", ["train.lr=5e-4", "train.max_steps=7", "model.image.tower=resnet18"])
+    assert cfg.train.lr == 5e-4 and cfg.train.max_steps == 7 and cfg.model.image.tower == "resnet18"
+
+
+def test_flat_params_use_dotted_keys():
+    flat = Config().flat()
+    assert flat["train.lr"] == Config().train.lr and flat["model.text.layers"] == Config().model.text.layers
+
+
+# (override, a fragment the one-line message must contain)
+BAD_INPUTS = [
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=fast", "train.lr"),
+    ("train.batch_size=1", "train.batch_size"),
+    ("train.batch_size=3.5", "train.batch_size"),
+    ("train.precision=fp8", "train.precision"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.learning_rate=0.1", "train.learning_rate: unknown key"),
+    ("trian.lr=0.1", "trian: unknown key"),
+    ("model.image.tower=not_a_timm_model", "not_a_timm_model"),
+    ("model.text.width=250", "divisible"),
+    ("model.text.context_length=100", "model.text.context_length"),
+    ("model.image.std=[0.2,0.0,0.2]", "std"),
+    ("model.image.mean=[0.5,0.5]", "model.image.mean"),
+    ("data.source=laion", "data.source"),
+    ("data.source=coco", "data.ingest.path"),
+    ("data.source=imagefolder", "needs data.ingest.path"),
+    ("data.synthetic.noise_fraction=1.5", "data.synthetic.noise_fraction"),
+    ("data.ingest.val_fraction=0.97", "val_fraction + test_fraction"),
+    ("evaluate.templates=['a photo of a dog']", "slot"),
+    ("evaluate.recall_at=[0, 5]", "recall_at"),
+    ("export.opset=7", "export.opset"),
+    ("tracking.experiment=''", "tracking.experiment"),
+]
+
+
+@pytest.mark.parametrize("override,fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_value_gives_one_line_naming_the_field(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "params.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    assert fragment in message
+
+
+def test_missing_ingest_path_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(None, ["data.source=webdataset", f"data.ingest.path={tmp_path / 'nowhere'}"])
+
+
+def test_missing_params_file_and_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["batch_size"] = -4
+    params.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    code = main(["prepare", "--params", str(params), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "train.batch_size=-4" in err
+    assert not out.exists()
+
+
+def test_cli_missing_input_path_exits_2(tmp_path, capsys):
+    code = main(["train", "--params", str(ROOT / "params.yaml"), "--data", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lightclip_core.cli", "train", "--params", str(ROOT / "params.yaml"),
+                             "--set", "train.lr=abc", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "train.lr='abc'" in result.stderr

@@ -1,0 +1,119 @@
+"""The whole DVC pipeline on a tiny config, in a fresh git repository: `dvc repro` end to end, a second repro is a
+no-op, `dvc exp run -S` works, and every stage logged an MLflow run with lineage tags."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+                 "lightclip_core", "pyproject.toml"]
+
+TINY = {
+    "data": {"samples_per_shard": 128, "synthetic": {"num_train": 256, "num_val": 32, "num_test": 64,
+                                                     "image_size": 32}},
+    "model": {"embed_dim": 32, "image": {"size": 32}, "text": {"width": 64, "heads": 2, "layers": 1}},
+    "train": {"batch_size": 32, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "workers": 0},
+    "evaluate": {"batch_size": 64},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) else v
+    return out
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh clone-like copy of the project, committed, with the tiny parameters."""
+    repo = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
+    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"})
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny project"], repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    first = _run([*dvc, "repro"], repo, env)
+    return repo, env, dvc, first
+
+
+def test_repro_produces_every_stage_output(project):
+    repo, _, _, _ = project
+    assert json.loads((repo / "artifacts/data/train/manifest.json").read_text())["num_samples"] == 256
+    assert (repo / "artifacts/train/final.pt").is_file()
+    for name in ("model.safetensors", "config.json", "image_encoder.onnx", "text_encoder.onnx", "parity.json"):
+        assert (repo / "artifacts/export" / name).is_file(), name
+    metrics = json.loads((repo / "artifacts/eval/metrics.json").read_text())
+    assert {"zeroshot/colour_shape/top1", "retrieval/image_to_text/R@1"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "num_test_samples")
+    assert list((repo / "artifacts/eval/plots").glob("*.png"))
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "train", "export", "evaluate"}
+
+
+def test_second_repro_is_a_no_op(project):
+    repo, env, dvc, _ = project
+    before = (repo / "artifacts/train/final.pt").stat().st_mtime_ns
+    out = _run([*dvc, "repro"], repo, env)
+    assert "Running stage" not in out
+    assert (repo / "artifacts/train/final.pt").stat().st_mtime_ns == before
+
+
+def test_every_stage_logged_an_mlflow_run_with_lineage(project):
+    import mlflow
+
+    repo, env, _, _ = project
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("lightclip")
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert {"prepare", "train", "export", "evaluate"} <= set(by_stage)
+    train = by_stage["train"]
+    assert len(train.data.tags["git.commit"]) == 40
+    assert train.data.tags["dvc.input.data"].endswith(".dir")
+    assert train.data.params["train.lr"] == "0.001"
+    history = client.get_metric_history(train.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 7))
+    assert "zeroshot/colour_shape/top1" in by_stage["evaluate"].data.metrics
+
+
+def test_exp_run_with_a_changed_learning_rate(project):
+    repo, env, dvc, _ = project
+    out = _run([*dvc, "exp", "run", "-S", "train.lr=0.002"], repo, env)
+    assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
+    shown = json.loads(_run([*dvc, "exp", "show", "--json"], repo, env))
+    lrs = set()
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                lrs.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"])
+    assert 0.002 in lrs
