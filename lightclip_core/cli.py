@@ -131,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command, _ = COMMANDS[args.command]
+    from lightclip_core.data.ingest import DataError
+
     try:
         cfg = load_config(args.params, args.overrides)
         summary = command(cfg, args)
     except ConfigError as err:  # bad parameters or paths: one line, no traceback, nothing done
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DataError as err:  # the input data is too broken to publish: one line, nothing published
+        print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

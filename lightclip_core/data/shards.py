@@ -115,7 +115,10 @@ def verify_shards(dataset_dir: str | os.PathLike) -> None:
 
 def iter_raw_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Raw WebDataset samples (bytes per extension) from tar files, in order, without boundary markers."""
-    for sample in wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples()):
+    urls = list(urls)
+    if not urls:  # an empty split, or a DataLoader worker beyond the shard count; SimpleShardList rejects []
+        return
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
         if sample.get("__key__"):  # webdataset 1.0.x yields an empty dict at every shard boundary
             yield sample
 
@@ -168,20 +171,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         urls, worker = self._my_urls()
         samples = iter_raw_samples(urls)
         if self.shuffle and self.shuffle_buffer > 1:
+            # webdataset's shuffle draws only from the rng it is given, so the order is a function of the seed;
+            # initial=bufsize fills the buffer before the first pick, which mixes the start as well as the rest.
             rng = random.Random(f"{self.seed}/{self.epoch}/{worker}")
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         for raw in samples:
             yield self.decode(raw)
-
-
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    buf: list[Any] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf

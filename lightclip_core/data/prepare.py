@@ -1,0 +1,125 @@
+"""The `prepare` stage: synthetic generation or ingestion into `out_dir/{train,val,test}` shard directories.
+
+The whole output is built in a hidden sibling directory and swapped in with two renames at the end, so a rerun
+leaves no stale shards, a failed run leaves the previous output untouched, and readers never see a mixture.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from lightclip_core.config import DataConfig
+from lightclip_core.data import ingest, synthetic
+from lightclip_core.data.shards import ShardSetWriter
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepareResult:
+    """Where the splits are, how many samples each holds, and how many input samples were skipped (by reason)."""
+
+    out_dir: Path
+    counts: dict[str, int]
+    skipped: dict[str, int]
+
+
+def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PrepareResult:
+    """Write the train/val/test shard directories of `cfg.source` into `out_dir`, replacing a previous output."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = _fresh_sibling(out_dir, "build")
+    try:
+        if cfg.source == "synthetic":
+            counts, skipped = _build_synthetic(cfg, build)
+        else:
+            counts, skipped = _build_ingested(cfg, build)
+        swap_in(build, out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    log.info("prepared %s in %s: %s", cfg.source, out_dir, ", ".join(f"{s}={n}" for s, n in counts.items()))
+    return PrepareResult(out_dir=out_dir, counts=counts, skipped=skipped)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but split directories: it is not a previous output."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} exists and is not a directory")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in SPLITS)
+    if foreign:
+        raise FileExistsError(f"output {out_dir} holds {foreign}, which prepare does not write; "
+                              "refusing to replace it (choose an empty or new directory)")
+
+
+def _fresh_sibling(out_dir: Path, role: str) -> Path:
+    """A new hidden directory next to `out_dir` (same file system, so renames are atomic).
+
+    Made with mkdir rather than mkdtemp: mkdtemp's 0700 mode would become the published directory's mode.
+    """
+    for _ in range(100):
+        path = out_dir.parent / f".{out_dir.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary directory next to {out_dir}")
+
+
+def swap_in(build: Path, out_dir: Path) -> None:
+    """Move `build` to `out_dir`; an existing `out_dir` is moved aside first and deleted after."""
+    if not out_dir.exists():
+        os.replace(build, out_dir)
+        return
+    aside = _fresh_sibling(out_dir, "old")
+    try:
+        os.replace(out_dir, aside / out_dir.name)
+        os.replace(build, out_dir)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _writers(cfg: DataConfig, build: Path) -> dict[str, ShardSetWriter]:
+    return {split: ShardSetWriter(build / split, split, cfg.samples_per_shard) for split in SPLITS}
+
+
+def _write_all(pairs: Iterable[tuple[str, Any]], writers: dict[str, ShardSetWriter], total: int | None,
+               desc: str) -> None:
+    for split, sample in tqdm(pairs, total=total, desc=desc, unit="sample", disable=None):
+        writers[split].write(sample)
+
+
+def _close_all(cfg: DataConfig, writers: dict[str, ShardSetWriter], tasks: dict[str, Any],
+               skipped: dict[str, dict[str, int]]) -> dict[str, int]:
+    params = cfg.model_dump(mode="json")
+    manifests = {split: w.close(params, tasks, skipped.get(split, {})) for split, w in writers.items()}
+    return {split: m["num_samples"] for split, m in manifests.items()}
+
+
+def _build_synthetic(cfg: DataConfig, build: Path) -> tuple[dict[str, int], dict[str, int]]:
+    writers = _writers(cfg, build)
+    total = sum(synthetic.split_sizes(cfg).values())
+    _write_all(synthetic.iter_synthetic(cfg), writers, total, "synthetic")
+    return _close_all(cfg, writers, synthetic.synthetic_tasks(), {}), {}
+
+
+def _build_ingested(cfg: DataConfig, build: Path) -> tuple[dict[str, int], dict[str, int]]:
+    source = ingest.open_source(cfg)
+    writers = _writers(cfg, build)
+    _write_all(source.samples, writers, source.total, cfg.source)
+    # before any manifest exists: a failed check publishes nothing
+    source.tally.check(cfg.ingest.max_skip_fraction, source.name)
+    per_split = {split: source.tally.split_skipped(split) for split in SPLITS}
+    return _close_all(cfg, writers, source.tasks, per_split), source.tally.skipped
