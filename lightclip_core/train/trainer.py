@@ -163,7 +163,7 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 terms = {k: v for obj in objectives for k, v in obj(outputs).items()}
             loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt_dir}")
+                raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}; last good checkpoint kept in {ckpt_dir}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
