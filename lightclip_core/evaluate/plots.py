@@ -1,0 +1,90 @@
+"""PNG plots for the evaluation report: training curves, per-class accuracy, confusion matrices.
+
+Figures are drawn on the Agg canvas directly (no pyplot), so plotting works headless, in worker processes and
+threads, and never depends on the user's matplotlib backend.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightclip_core.data.storage import atomic_path
+
+_MAX_TICK_LABELS = 40  # beyond this, class names overlap into an unreadable band
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def read_train_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Columns of `train_log.csv` as float arrays (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"training log {str(path)!r} has no rows")
+    return {col: np.array([float(r[col]) if r[col] not in ("", None) else np.nan for r in rows]) for col in rows[0]}
+
+
+def plot_training_curves(train_log: str | os.PathLike, path: Path) -> Path:
+    """Loss (and the contrastive part, when logged) and learning rate against step."""
+    log = read_train_log(train_log)
+    missing = {"step", "loss", "lr"} - set(log)
+    if missing:
+        raise ValueError(f"training log {str(train_log)!r} lacks columns {sorted(missing)}")
+    fig = Figure(figsize=(10, 4))
+    loss_ax, lr_ax = fig.subplots(1, 2)
+    loss_ax.plot(log["step"], log["loss"], label="loss")
+    if "contrastive_loss" in log:
+        loss_ax.plot(log["step"], log["contrastive_loss"], label="contrastive loss", alpha=0.7)
+    loss_ax.set(xlabel="step", ylabel="loss", title="Training loss")
+    loss_ax.legend()
+    lr_ax.plot(log["step"], log["lr"], color="tab:green")
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    return _save(fig, path)
+
+
+def plot_per_class_accuracy(classes: Sequence[str], recall: Sequence[float | None], title: str, path: Path) -> Path:
+    """Bar chart of per-class recall (top-1 accuracy of each class); classes absent from the test set are empty."""
+    values = np.array([np.nan if r is None else r for r in recall], dtype=float)
+    fig = Figure(figsize=(max(6.0, 0.3 * len(classes) + 2), 4))
+    ax = fig.subplots()
+    ax.bar(np.arange(len(classes)), np.nan_to_num(values, nan=0.0), color="tab:blue")
+    ax.axhline(np.nanmean(values) if np.isfinite(values).any() else 0.0, color="tab:red", ls="--",
+               label="mean per-class recall")
+    ax.set(ylim=(0, 1), ylabel="accuracy", title=title)
+    _class_ticks(ax.xaxis, classes, rotation=90)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted class)."""
+    confusion = np.asarray(confusion, dtype=float)
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    side = max(5.0, 0.3 * len(classes) + 3)
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    image = ax.imshow(normalised, vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _class_ticks(ax.xaxis, classes, rotation=90)
+    _class_ticks(ax.yaxis, classes, rotation=0)
+    return _save(fig, path)
+
+
+def _class_ticks(axis: Axis, classes: Sequence[str], rotation: int) -> None:
+    if len(classes) <= _MAX_TICK_LABELS:
+        axis.set_ticks(np.arange(len(classes)), labels=list(classes), rotation=rotation, fontsize=8)

@@ -1,0 +1,44 @@
+"""Image-text retrieval recall@k, with several captions per image."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(x).to(dtype=dtype, device="cpu")
+
+
+def _topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """`[Q, k]` indices of the keys most similar (dot product) to each query, best first."""
+    # Chunked so that a large test set never materialises the whole [Q, K] similarity matrix.
+    return torch.cat([(queries[i:i + chunk] @ keys.T).topk(k, dim=1).indices for i in range(0, len(queries), chunk)])
+
+
+def _recalls(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """`hits[q, r]` is True where the r-th ranked candidate of query q is a match: recall at every k."""
+    found_within = hits.cumsum(dim=1) > 0  # [Q, kmax]: a match at rank <= r
+    kmax = hits.shape[1]
+    return {k: float(found_within[:, min(k, kmax) - 1].double().mean()) for k in ks}
+
+
+@torch.inference_mode()
+def retrieval_metrics(image_emb: Any, text_emb: Any, text_to_image: Any,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
+    """Recall@k both ways. Image to text: a hit if ANY caption of the image ranks in the top k. Text to image: a
+    hit if the caption's own image ranks in the top k. k is capped at the number of candidates."""
+    images, texts = _as_tensor(image_emb, torch.float32), _as_tensor(text_emb, torch.float32)
+    owner = _as_tensor(text_to_image, torch.int64)
+    if owner.shape != (len(texts),) or (len(owner) and not 0 <= int(owner.min()) <= int(owner.max()) < len(images)):
+        raise ValueError(f"text_to_image must be {len(texts)} image indices in [0, {len(images)})")
+    if not len(images) or not len(texts):
+        raise ValueError(f"retrieval needs images and texts, got {len(images)} and {len(texts)}")
+    kmax = max(ks)
+    ranked_texts = _topk_indices(images, texts, min(kmax, len(texts)))
+    image_ids = torch.arange(len(images))[:, None]
+    ranked_images = _topk_indices(texts, images, min(kmax, len(images)))
+    return {
+        "image_to_text": _recalls(owner[ranked_texts] == image_ids, ks),
+        "text_to_image": _recalls(ranked_images == owner[:, None], ks),
+    }

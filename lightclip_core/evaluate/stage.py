@@ -1,0 +1,161 @@
+"""Evaluate stage: zero-shot classification and image-text retrieval of an exported model on a test split.
+
+Writes `metrics.json` (flat, sorted keys: what DVC and MLflow read), `per_class.json` (per-class recall, support
+and confusion matrix of every zero-shot task) and PNG plots under `plots/`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightclip_core.config import Config
+from lightclip_core.data.shards import decode_image, decode_meta, iter_raw_samples, read_manifest, shard_paths
+from lightclip_core.data.storage import write_json_atomic
+from lightclip_core.evaluate import plots
+from lightclip_core.evaluate.retrieval import retrieval_metrics
+from lightclip_core.evaluate.zeroshot import classification_metrics, zero_shot_weights
+from lightclip_core.export.load import ExportedModel, load_exported
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.json"
+PLOTS_DIR = "plots"
+ZERO_SHOT_KS = (1, 5)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    metrics_path: Path
+    per_class_path: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class TestEmbeddings:
+    """Embeddings of a test split: images in shard order, all their captions, and each task's class indices."""
+
+    images: torch.Tensor  # [N, D]
+    captions: torch.Tensor  # [M, D]
+    caption_owner: torch.Tensor  # [M] index of the image each caption describes
+    labels: dict[str, torch.Tensor]  # task -> [N] class indices
+
+
+def select_tasks(manifest: dict[str, Any], requested: list[str] | None, test_dir: str | os.PathLike) -> dict:
+    """The zero-shot tasks to run: all tasks of the manifest, or the requested ones, which must exist there."""
+    available = manifest.get("tasks") or {}
+    if requested is None:
+        return dict(available)
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise ValueError(f"evaluate.tasks: task {unknown[0]!r} is not in the test manifest of {str(test_dir)!r}; "
+                         f"available: {sorted(available)}")
+    return {name: available[name] for name in requested}
+
+
+def _captions_of(raw: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    captions = meta.get("captions")
+    if captions:
+        return [str(c) for c in captions]
+    text = raw.get("txt", b"")
+    return [text.decode("utf-8") if isinstance(text, bytes) else str(text)]
+
+
+def _class_index(meta: dict[str, Any], key: str, task: str, spec: dict[str, Any], index: dict[str, int]) -> int:
+    value = meta.get(spec["label_key"])
+    if value not in index:
+        raise ValueError(f"test sample {key!r}: {spec['label_key']}={value!r} is not a class of task {task!r}")
+    return index[value]
+
+
+@torch.inference_mode()
+def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifest: dict[str, Any],
+                   tasks: dict[str, Any], batch_size: int) -> TestEmbeddings:
+    """Embed every test image (batched) and every caption; read each task's labels from the sample metadata."""
+    model, device = exported.model, next(exported.model.parameters()).device
+    class_index = {task: {name: i for i, name in enumerate(spec["classes"])} for task, spec in tasks.items()}
+    image_chunks: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    captions: list[str] = []
+    owners: list[int] = []
+    labels: dict[str, list[int]] = {task: [] for task in tasks}
+    for n, raw in enumerate(iter_raw_samples(shard_paths(test_dir, manifest))):
+        meta = decode_meta(raw)
+        pending.append(exported.preprocess(decode_image(raw)))
+        if len(pending) == batch_size:
+            image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
+            pending = []
+        sample_captions = _captions_of(raw, meta)
+        captions += sample_captions
+        owners += [n] * len(sample_captions)
+        for task, spec in tasks.items():
+            labels[task].append(_class_index(meta, raw["__key__"], task, spec, class_index[task]))
+    if pending:
+        image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
+    if not image_chunks:
+        raise ValueError(f"test split {str(test_dir)!r} has no samples")
+    text_chunks = [model.encode_text(exported.tokenize(captions[i:i + batch_size]).to(device)).cpu()
+                   for i in range(0, len(captions), batch_size)]
+    return TestEmbeddings(images=torch.cat(image_chunks), captions=torch.cat(text_chunks),
+                          caption_owner=torch.tensor(owners), labels={t: torch.tensor(v) for t, v in labels.items()})
+
+
+def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec: dict[str, Any],
+                  templates: list[str], batch_size: int) -> dict[str, Any]:
+    weights = zero_shot_weights(exported.model, spec["classes"], templates, exported.tokenize, batch_size)
+    logits = emb.images @ weights.cpu()
+    return classification_metrics(logits, emb.labels[task], len(spec["classes"]), ks=ZERO_SHOT_KS)
+
+
+def _file_stem(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
+
+
+def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             train_log: str | os.PathLike | None = None, device: str | torch.device | None = None) -> EvalResult:
+    """Evaluate the exported model on the test split; see the module docstring for what is written."""
+    out_dir, plots_dir = Path(out_dir), Path(out_dir) / PLOTS_DIR
+    manifest = read_manifest(test_dir)
+    tasks = select_tasks(manifest, cfg.evaluate.tasks, test_dir)  # fail on a bad task before any work
+    if train_log is not None and not Path(train_log).is_file():
+        raise FileNotFoundError(f"training log {str(train_log)!r} does not exist")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    exported = load_exported(export_dir, device=device)
+    emb = embed_test_set(exported, test_dir, manifest, tasks, cfg.evaluate.batch_size)
+
+    metrics: dict[str, float] = {"num_test_samples": len(emb.images)}
+    per_class: dict[str, Any] = {}
+    plot_paths: dict[str, Path] = {}
+    for task, spec in tasks.items():
+        templates = list(spec.get("templates") or cfg.evaluate.templates)
+        result = run_zero_shot(exported, emb, task, spec, templates, cfg.evaluate.batch_size)
+        for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]:
+            metrics[f"zeroshot/{task}/{name}"] = result[name]
+        per_class[task] = {"classes": list(spec["classes"]), "recall": result["per_class_recall"],
+                           "support": result["support"], "confusion": result["confusion"].tolist(),
+                           "templates": templates}
+        stem, title = _file_stem(task), f"zero-shot {task}"
+        plot_paths[f"{task}/per_class"] = plots.plot_per_class_accuracy(
+            spec["classes"], result["per_class_recall"], f"{title}: per-class accuracy",
+            plots_dir / f"zeroshot_{stem}_per_class.png")
+        plot_paths[f"{task}/confusion"] = plots.plot_confusion_matrix(
+            result["confusion"], spec["classes"], f"{title}: confusion", plots_dir / f"zeroshot_{stem}_confusion.png")
+
+    recalls = retrieval_metrics(emb.images, emb.captions, emb.caption_owner, cfg.evaluate.recall_at)
+    for direction, per_k in recalls.items():
+        metrics.update({f"retrieval/{direction}/R@{k}": value for k, value in per_k.items()})
+    if train_log is not None:
+        plot_paths["training_curves"] = plots.plot_training_curves(train_log, plots_dir / "training_curves.png")
+
+    write_json_atomic(out_dir / PER_CLASS_FILE, per_class)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)  # sorted keys: DVC diffs it
+    log.info("evaluated %d test samples: %s", len(emb.images), metrics)
+    return EvalResult(metrics=metrics, metrics_path=out_dir / METRICS_FILE, per_class_path=out_dir / PER_CLASS_FILE,
+                      plots=plot_paths)

@@ -1,0 +1,249 @@
+"""Evaluation: metrics against brute-force references, and the evaluate stage end to end on a tiny test split."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lightclip_core.config import Config
+from lightclip_core.data.shards import Sample, ShardSetWriter
+from lightclip_core.data.tokenizer import tokenize
+from lightclip_core.evaluate.retrieval import retrieval_metrics
+from lightclip_core.evaluate.stage import evaluate
+from lightclip_core.evaluate.zeroshot import classification_metrics, zero_shot_weights
+from lightclip_core.export.exporter import export
+from lightclip_core.export.load import load_exported
+from lightclip_core.models.clip import CLIP
+from lightclip_core.train.checkpoint import save_checkpoint
+
+TINY_MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
+              "text": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+SHAPES = ("circle", "square")
+
+
+# ------------------------------------------------------------------------------------ classification
+def brute_force_classification(logits: np.ndarray, labels: np.ndarray, num_classes: int, ks: tuple[int, ...]):
+    n = len(labels)
+    topk = {}
+    for k in ks:
+        hits = 0
+        for i in range(n):
+            rank = sum(logits[i, c] > logits[i, labels[i]] for c in range(num_classes))  # ties-free logits
+            hits += rank < k
+        topk[k] = hits / n
+    confusion = np.zeros((num_classes, num_classes), dtype=int)
+    for i in range(n):
+        confusion[labels[i], int(np.argmax(logits[i]))] += 1
+    recalls = [confusion[c, c] / confusion[c].sum() for c in range(num_classes) if confusion[c].sum()]
+    return topk, confusion, sum(recalls) / len(recalls)
+
+
+@pytest.mark.parametrize("num_classes", [3, 7, 12])
+def test_classification_metrics_match_brute_force(num_classes: int) -> None:
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes, size=150)
+    logits = rng.standard_normal((150, num_classes)).astype(np.float32)
+    logits[np.arange(150), labels] += 0.8  # better than chance, so recalls are not all tiny
+    ks = (1, 2, 5, 10)
+    metrics = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels), num_classes, ks=ks)
+    topk, confusion, mean_recall = brute_force_classification(logits, labels, num_classes, ks)
+    for k in ks:
+        assert metrics[f"top{k}"] == pytest.approx(topk[k])
+    np.testing.assert_array_equal(metrics["confusion"], confusion)
+    assert metrics["mean_per_class_recall"] == pytest.approx(mean_recall)
+    assert metrics["support"] == np.bincount(labels, minlength=num_classes).tolist()
+    if num_classes < 5:
+        assert metrics["top5"] == 1.0  # k capped at the number of classes
+
+
+def test_classification_metrics_with_an_absent_class() -> None:
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [2.0, 0.0, 1.0], [0.0, 1.0, 2.0]])
+    labels = np.array([0, 1, 1, 1])  # class 2 never occurs; class 1 is right once in three
+    metrics = classification_metrics(logits, labels, 3, ks=(1, 2))
+    assert metrics["per_class_recall"] == [1.0, pytest.approx(1 / 3), None]
+    assert metrics["mean_per_class_recall"] == pytest.approx((1.0 + 1 / 3) / 2)
+    assert metrics["top1"] == 0.5 and metrics["top2"] == 0.75  # row 3 ranks its label last
+
+
+def test_zero_shot_weights_average_the_templates() -> None:
+    torch.manual_seed(0)
+    model = CLIP(Config.model_validate({"model": TINY_MODEL}).model).eval()
+    tok = partial(tokenize, context_length=16)
+    templates = ["a photo of a {}.", "a {} shape."]
+    weights = zero_shot_weights(model, ["circle", "square", "star"], templates, tok, batch_size=4)
+    assert weights.shape == (16, 3)
+    torch.testing.assert_close(weights.norm(dim=0), torch.ones(3))
+    with torch.inference_mode():
+        square = model.encode_text(tok([t.format("square") for t in templates])).mean(dim=0)
+    torch.testing.assert_close(weights[:, 1], F.normalize(square, dim=0))
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+def brute_force_retrieval(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, ks: list[int]):
+    sim = images @ texts.T
+    i2t, t2i = {k: 0 for k in ks}, {k: 0 for k in ks}
+    for i in range(len(images)):
+        order = list(np.argsort(-sim[i]))
+        first = min(order.index(t) for t in range(len(texts)) if owner[t] == i)
+        for k in ks:
+            i2t[k] += first < k
+    for t in range(len(texts)):
+        order = list(np.argsort(-sim[:, t]))
+        for k in ks:
+            t2i[k] += order.index(owner[t]) < k
+    return {k: v / len(images) for k, v in i2t.items()}, {k: v / len(texts) for k, v in t2i.items()}
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_retrieval_set(seed: int, num_images: int = 40, dim: int = 8):
+    rng = np.random.default_rng(seed)
+    per_image = rng.integers(1, 5, size=num_images)  # 1 to 4 captions per image
+    owner = np.repeat(np.arange(num_images), per_image)
+    images = rng.standard_normal((num_images, dim))
+    texts = images[owner] + 1.5 * rng.standard_normal((len(owner), dim))  # related but noisy
+    return unit_rows(images), unit_rows(texts), owner
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_metrics_match_brute_force(seed: int) -> None:
+    images, texts, owner = random_retrieval_set(seed)
+    ks = [1, 3, 5, 10, 1000]
+    result = retrieval_metrics(images, texts, owner, ks)
+    i2t, t2i = brute_force_retrieval(images, texts, owner, ks)
+    assert result["image_to_text"] == pytest.approx(i2t)
+    assert result["text_to_image"] == pytest.approx(t2i)
+    assert result["image_to_text"][1000] == 1.0 and result["text_to_image"][1000] == 1.0
+    assert 0.0 < result["image_to_text"][1] < 1.0  # neither trivial nor perfect, so the check means something
+
+
+def test_perfect_embeddings_give_recall_one() -> None:
+    images = torch.eye(6)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5])
+    result = retrieval_metrics(images, images[owner], owner, ks=[1, 5])
+    assert all(v == 1.0 for per_k in result.values() for v in per_k.values())
+
+
+def test_retrieval_rejects_bad_caption_owners() -> None:
+    with pytest.raises(ValueError, match="text_to_image"):
+        retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), ks=[1])
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def png_bytes(rgb: tuple[int, int, int], shape: str) -> bytes:
+    image = Image.new("RGB", (40, 40), (240, 240, 240))
+    pixels = np.array(image)
+    yy, xx = np.mgrid[:40, :40]
+    inside = (xx - 20) ** 2 + (yy - 20) ** 2 < 144 if shape == "circle" else (abs(xx - 20) < 11) & (abs(yy - 20) < 11)
+    pixels[inside] = rgb
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="png")
+    return buf.getvalue()
+
+
+def write_test_split(directory: Path) -> None:
+    writer = ShardSetWriter(directory, "test", samples_per_shard=5)  # several shards
+    n = 0
+    for repeat in range(2):
+        for colour, rgb in COLOURS.items():
+            for shape in SHAPES:
+                captions = [f"a {colour} {shape}", f"a picture of a {colour} {shape} on grey"][: 1 + repeat]
+                meta = {"colour": colour, "shape": shape, "colour_shape": f"{colour} {shape}", "captions": captions}
+                writer.write(Sample(f"{n:04d}", png_bytes(rgb, shape), "png", captions[0], meta))
+                n += 1
+    tasks = {
+        "colour": {"label_key": "colour", "classes": list(COLOURS)},
+        "colour_shape": {"label_key": "colour_shape", "classes": [f"{c} {s}" for c in COLOURS for s in SHAPES],
+                         "templates": ["a {}.", "a photo of a {}."]},
+    }
+    writer.close(params={"test": True}, tasks=tasks)
+
+
+def write_train_log(path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["step", "epoch", "loss", "contrastive_loss", "lr", "logit_scale", "samples_per_s"])
+        for step in range(1, 21):
+            out.writerow([step, step // 10, 4 / step, 3.5 / step, 1e-3 * min(1, step / 5), 14.3, 120.0])
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = Config.model_validate({"model": TINY_MODEL, "export": {"onnx": False},
+                                 "evaluate": {"batch_size": 4, "recall_at": [1, 5]}})
+    torch.manual_seed(0)
+    model = CLIP(cfg.model)
+    state = {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": 20}
+    export(cfg, save_checkpoint(root / "final.pt", state), root / "export")
+    write_test_split(root / "test")
+    write_train_log(root / "train_log.csv")
+    return cfg, root / "export", root / "test", root / "train_log.csv"
+
+
+def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
+    cfg, export_dir, test_dir, train_log = stage_inputs
+    result = evaluate(cfg, export_dir, test_dir, tmp_path / "eval", train_log=train_log)
+    expected_keys = {"num_test_samples"} | {
+        f"zeroshot/{task}/{m}" for task in ("colour", "colour_shape") for m in ("top1", "top5", "mean_per_class_recall")
+    } | {f"retrieval/{d}/R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5)}
+    written = json.loads(result.metrics_path.read_text())
+    assert set(written) == expected_keys and written == result.metrics
+    assert list(written) == sorted(written)
+    assert written["num_test_samples"] == 12
+    assert all(0.0 <= v <= 1.0 for k, v in written.items() if k != "num_test_samples")
+    assert written["zeroshot/colour/top5"] == 1.0  # three classes: top-5 is capped at top-3
+
+    per_class = json.loads(result.per_class_path.read_text())
+    assert per_class["colour"]["support"] == [4, 4, 4]
+    assert per_class["colour_shape"]["templates"] == ["a {}.", "a photo of a {}."]
+    assert per_class["colour"]["templates"] == cfg.evaluate.templates
+    assert np.array(per_class["colour_shape"]["confusion"]).sum() == 12
+
+    names = sorted(p.name for p in result.plots.values())
+    assert names == ["training_curves.png", "zeroshot_colour_confusion.png", "zeroshot_colour_per_class.png",
+                     "zeroshot_colour_shape_confusion.png", "zeroshot_colour_shape_per_class.png"]
+    for path in result.plots.values():
+        assert path.parent == tmp_path / "eval" / "plots"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = evaluate(cfg, export_dir, test_dir, tmp_path / "again")
+    assert again.metrics_path.read_bytes() == result.metrics_path.read_bytes()  # deterministic for DVC
+    assert "training_curves" not in again.plots
+
+
+def test_evaluate_selected_task_only(stage_inputs, tmp_path: Path) -> None:
+    cfg, export_dir, test_dir, _ = stage_inputs
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"tasks": ["colour"]})})
+    metrics = evaluate(cfg, export_dir, test_dir, tmp_path).metrics
+    assert {k.split("/")[1] for k in metrics if k.startswith("zeroshot/")} == {"colour"}
+
+
+def test_unknown_task_is_a_one_line_error(stage_inputs, tmp_path: Path) -> None:
+    cfg, export_dir, test_dir, _ = stage_inputs
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"tasks": ["colour", "texture"]})})
+    with pytest.raises(ValueError, match=r"'texture'.*available: \['colour', 'colour_shape'\]") as err:
+        evaluate(cfg, export_dir, test_dir, tmp_path / "eval")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "eval").exists()  # failed before any work
+
+
+def test_exported_model_embeds_test_images(stage_inputs) -> None:
+    _, export_dir, _, _ = stage_inputs
+    loaded = load_exported(export_dir)
+    image = Image.open(io.BytesIO(png_bytes(COLOURS["red"], "circle")))
+    with torch.inference_mode():
+        emb = loaded.model.encode_image(loaded.preprocess(image)[None])
+    assert emb.shape == (1, 16)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(1))
