@@ -73,7 +73,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
 
     export_dir = _existing(args.model, "export directory", "--model")
     test_dir = _existing(args.data, "test split", "--data")
-    train_log = Path(args.train_log) if args.train_log else None
+    train_log = _existing(args.train_log, "training log", "--train-log") if args.train_log else None
     with StageRun(cfg, "evaluate", inputs={"model": export_dir, "data": test_dir}) as run:
         result = evaluate(cfg, export_dir, test_dir, args.out, train_log=train_log)
         run.log_metrics(result.metrics)

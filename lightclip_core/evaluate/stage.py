@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightclip_core.config import Config
+from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.shards import decode_image, decode_meta, iter_raw_samples, read_manifest, shard_paths
 from lightclip_core.data.storage import write_json_atomic
 from lightclip_core.evaluate import plots
@@ -55,7 +55,7 @@ def select_tasks(manifest: dict[str, Any], requested: list[str] | None, test_dir
         return dict(available)
     unknown = [name for name in requested if name not in available]
     if unknown:
-        raise ValueError(f"evaluate.tasks: task {unknown[0]!r} is not in the test manifest of {str(test_dir)!r}; "
+        raise ConfigError(f"evaluate.tasks: task {unknown[0]!r} is not in the test manifest of {str(test_dir)!r}; "
                          f"available: {sorted(available)}")
     return {name: available[name] for name in requested}
 
