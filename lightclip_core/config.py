@@ -129,7 +129,7 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = Field(True, description="NHWC image tensors: faster convolutions on CPU and GPU")
-    workers: int = Field(1, ge=0, le=64)
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes; 0 loads in the training process")
     shuffle_buffer: int = Field(1000, ge=0)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
