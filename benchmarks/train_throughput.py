@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_after_warmup, publish  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 
-from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
+from lightclip_core.data.storage import atomic_path, read_versioned_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,13 +88,8 @@ class ShardSetWriter:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: run `lightclip prepare` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    return manifest
+    return read_versioned_json(Path(dataset_dir) / MANIFEST, "schema_version", SCHEMA_VERSION,
+                               "run `lightclip prepare` first")
 
 
 def shard_paths(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:

@@ -55,3 +55,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_versioned_json(path: str | os.PathLike, version_key: str, expected: int, missing_hint: str) -> dict[str, Any]:
+    """Read a JSON contract file (a manifest, an export config) and check its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}: {missing_hint}")
+    content = json.loads(path.read_text())
+    if content.get(version_key) != expected:
+        raise ValueError(f"{path}: {version_key} {content.get(version_key)!r}, expected {expected}")
+    return content

@@ -6,7 +6,6 @@ it was evaluated.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_model
 
 from lightclip_core.config import ModelConfig
 from lightclip_core.data import tokenizer
+from lightclip_core.data.storage import read_versioned_json
 from lightclip_core.data.transforms import image_transform
 from lightclip_core.export.exporter import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from lightclip_core.models.clip import CLIP
@@ -41,11 +41,7 @@ def build_preprocess(meta: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
 
 def read_export_config(export_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(export_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {export_dir}: run `lightclip export` first")
-    config = json.loads(path.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+    config = read_versioned_json(path, "format_version", FORMAT_VERSION, "run `lightclip export` first")
     name = config["tokenizer"]["name"]
     if name != tokenizer.TOKENIZER_NAME:
         raise ValueError(f"{path}: tokenizer {name!r} is not this package's {tokenizer.TOKENIZER_NAME!r}")
