@@ -1,6 +1,7 @@
 """The CLIP wrapper: timm image tower with token map, shortened text tower, clamped temperature."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightclip_core.config import ModelConfig
@@ -68,3 +69,49 @@ def test_trimming_unused_padding_leaves_text_embeddings_unchanged():
     assert trimmed.shape[1] < tokens.shape[1]
     with torch.no_grad():
         assert torch.allclose(model.encode_text(trimmed), model.encode_text(tokens), atol=1e-6)
+
+
+def text_variant(kind: str, causal: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = TINY.model_copy(update={"text": TINY.text.model_copy(update={"kind": kind, "causal": causal})})
+    return build_model(cfg).eval()
+
+
+TEXT_VARIANTS = [("transformer", False), ("mct", False), ("mct", True)]
+
+
+@pytest.mark.parametrize("kind,causal", TEXT_VARIANTS, ids=[f"{k}-{'causal' if c else 'bidirectional'}"
+                                                            for k, c in TEXT_VARIANTS])
+def test_padding_never_reaches_bidirectional_or_convolutional_text_towers(kind: str, causal: bool):
+    """Neither attention nor the token-mixing convolutions see past end-of-text: the padding's content and the
+    padded length leave the embedding unchanged (so trimming padding in training is exact for every tower)."""
+    from lightclip_core.data.tokenizer import trim_padding
+
+    model = text_variant(kind, causal)
+    tokens = tokenize(["a small red circle", "a large blue square at the top of the picture"], 16)
+    noisy = tokens.clone()
+    noisy[tokens == 0] = 320
+    with torch.no_grad():
+        reference = model.encode_text(tokens)
+        assert torch.allclose(model.encode_text(noisy), reference, atol=1e-6)
+        assert torch.allclose(model.encode_text(trim_padding(tokens)), reference, atol=1e-6)
+
+
+def test_bidirectional_attention_lets_early_tokens_see_later_ones():
+    model = text_variant("transformer", causal=False)
+    a, b = tokenize(["a red circle", "a red square"], 16)
+    with torch.no_grad():
+        _, states_a = model.text.forward_tokens(a[None])
+        _, states_b = model.text.forward_tokens(b[None])
+    assert not torch.allclose(states_a[0, 1], states_b[0, 1])  # "a" differs once it sees "circle" vs "square"
+
+
+def test_mct_wraps_the_transformer_in_two_repmixer_blocks_and_initialises_its_projection():
+    from lightclip_core.models.repmixer import RepMixerBlock
+
+    text = text_variant("mct", causal=False).text
+    assert isinstance(text.mixer_in, RepMixerBlock) and isinstance(text.mixer_out, RepMixerBlock)
+    assert len(text.transformer.resblocks) == TINY.text.layers
+    assert text.mixer_in.token_mixer.kernel_size == (1, TINY.text.mixer_kernel)
+    std = text.text_projection.std().item()  # CLIP's width ** -0.5, never left uninitialised
+    assert abs(std - TINY.text.width ** -0.5) < 0.2 * TINY.text.width ** -0.5

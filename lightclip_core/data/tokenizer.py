@@ -1,10 +1,13 @@
 """The CLIP BPE tokenizer (open_clip's, bundled with the package: works offline)."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 TOKENIZER_NAME = "openai-clip-bpe-49408"
 
@@ -17,6 +20,32 @@ def get_tokenizer(context_length: int) -> SimpleTokenizer:
 def tokenize(texts: str | list[str], context_length: int) -> torch.Tensor:
     """`[len(texts), context_length]` int64 token ids: start, BPE tokens (truncated), end, zero padding."""
     return get_tokenizer(context_length)(texts)
+
+
+def vocab_file() -> Path:
+    """The BPE merges file (gzip) that defines the vocabulary."""
+    return Path(default_bpe())
+
+
+def tokenizer_from_file(path: str | os.PathLike, context_length: int) -> SimpleTokenizer:
+    """The same tokenizer built from a copy of the vocabulary file (as shipped in an export directory)."""
+    return SimpleTokenizer(bpe_path=str(path), context_length=context_length)
+
+
+def tokenizer_spec(context_length: int) -> dict[str, Any]:
+    """Everything a consumer needs to reproduce :func:`tokenize` (recorded in export metadata)."""
+    tok = get_tokenizer(context_length)
+    return {
+        "name": TOKENIZER_NAME,
+        "implementation": "open_clip.tokenizer.SimpleTokenizer",
+        "context_length": context_length,
+        "vocab_size": len(tok.encoder),
+        "sot_token_id": tok.sot_token_id,
+        "eot_token_id": tok.eot_token_id,
+        "pad_token_id": 0,
+        "clean": "lower",  # ftfy fix, HTML unescape, whitespace collapse, lower case
+        "layout": "start, BPE tokens, end-of-text, zero padding; over-long texts are cut and end with end-of-text",
+    }
 
 
 def vocab_size() -> int:

@@ -1,39 +1,43 @@
-"""Export stage: a training checkpoint becomes a self-contained model directory.
+"""Export stage: a training checkpoint becomes a self-contained inference model directory.
 
-`out_dir` receives `model.safetensors` (weights), `config.json` (everything needed to rebuild the model and
-preprocess its inputs, see :mod:`lightclip_core.export.load`) and, when `export.onnx` is set, one ONNX file per
-encoder with a dynamic batch axis, checked against PyTorch in onnxruntime (`parity.json`).
+The checkpoint's model is reparameterized (train-time branches folded, :mod:`lightclip_core.export.reparam`) and
+stripped of the modules no encoder reads (:mod:`lightclip_core.export.prune`). `out_dir` then receives
+`model.safetensors` (the folded weights), `config.json` (everything needed to rebuild that model and to preprocess
+its inputs, see :mod:`lightclip_core.export.load`), the tokenizer's vocabulary file, one `torch.export` program
+per encoder (`*.pt2`) and, when `export.onnx` is set, one ONNX file per encoder; both formats have a dynamic batch
+axis. `parity.json` reports, per encoder and at two batch sizes, how far the folded model is from the trained one
+and each format from the folded model; the stage fails past `export.parity_tolerance`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import save_model
 from torch import nn
+from torch.export import ExportedProgram
 
 from lightclip_core.config import Config, ExportConfig, ModelConfig
-from lightclip_core.data.storage import atomic_path, write_json_atomic
-from lightclip_core.data.tokenizer import TOKENIZER_NAME, tokenize
-from lightclip_core.models.clip import CLIP, model_summary
+from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
+from lightclip_core.data.tokenizer import tokenize, tokenizer_spec, vocab_file
+from lightclip_core.export.format import (CONFIG_FILE, ENCODER_INPUTS, FORMAT_VERSION, ONNX_FILES, ONNX_INPUTS,
+                                          ONNX_OUTPUT, PARITY_FILE, PROGRAM_FILES, TOKENIZER_VOCAB_FILE, WEIGHTS_FILE)
+from lightclip_core.export.prune import drop_modules, unreachable_modules
+from lightclip_core.export.reparam import parameter_count, reparameterize
+from lightclip_core.models.clip import CLIP
 from lightclip_core.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-PARITY_FILE = "parity.json"
-ONNX_FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx"}
-ONNX_INPUTS = {"image_encoder": "image", "text_encoder": "text"}
-ONNX_OUTPUT = "embedding"
 
 # Real captions of varied length, so the end-of-text position (the pooled token) differs across the batch.
 PARITY_CAPTIONS = (
@@ -45,39 +49,47 @@ PARITY_CAPTIONS = (
     "a picture showing an orange ellipse at the bottom.",
 )
 
+Runner = Callable[[torch.Tensor], np.ndarray]  # one encoder: input batch -> embeddings
+Parity = dict[str, dict[str, float]]  # encoder -> "batch_<n>" -> max abs difference
+
 
 class ExportParityError(RuntimeError):
-    """An ONNX encoder disagrees with PyTorch by more than `export.parity_tolerance`."""
+    """An exported format (or the folded model) disagrees with its reference by more than the tolerance."""
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
     files: dict[str, Path]
-    parity: dict[str, dict[str, float]] = field(default_factory=dict)
+    parity: dict[str, Parity] = field(default_factory=dict)  # "reparameterized" | "torch_export" | "onnx" -> ...
     param_count: int = 0
+    param_count_unfused: int = 0
 
 
 class ImageEncoder(nn.Module):
-    """`image [B, 3, H, W] -> embedding [B, D]` (L2-normalised): the graph exported to ONNX."""
+    """`image [B, 3, H, W] -> embedding [B, D]` (L2-normalised), holding the image tower only."""
 
     def __init__(self, model: CLIP):
         super().__init__()
-        self.model = model
+        self.visual = model.visual  # named as in CLIP, so program tensors have CLIP's names
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(image)
+        return F.normalize(self.visual(image), dim=-1)
 
 
 class TextEncoder(nn.Module):
-    """`text [B, L] int64 -> embedding [B, D]` (L2-normalised): the graph exported to ONNX."""
+    """`text [B, L] int64 -> embedding [B, D]` (L2-normalised), holding the text tower only."""
 
     def __init__(self, model: CLIP):
         super().__init__()
-        self.model = model
+        self.text = model.text
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(text)
+        return F.normalize(self.text(text), dim=-1)
+
+
+def encoders(model: CLIP) -> dict[str, nn.Module]:
+    return {"image_encoder": ImageEncoder(model).eval(), "text_encoder": TextEncoder(model).eval()}
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -98,23 +110,29 @@ def model_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[CLIP, dict[str
     return model.eval(), ckpt
 
 
-def export_metadata(model: CLIP, step: int | None) -> dict[str, Any]:
-    """The content of `config.json`."""
+def export_metadata(model: CLIP, step: int | None, param_count_unfused: int, dropped: list[str]) -> dict[str, Any]:
+    """The content of `config.json`: how to rebuild the model, and how to turn images and texts into its inputs."""
     cfg = model.cfg
     return {
         "format_version": FORMAT_VERSION,
         "model_config": cfg.model_dump(mode="json"),
+        "reparameterized": True,  # the loader folds the freshly built model before loading these weights
+        "dropped_modules": dropped,
         "embed_dim": cfg.embed_dim,
-        "param_count": model_summary(model)["params_total"],
+        "param_count": parameter_count(model),
+        "param_count_unfused": param_count_unfused,
         "preprocess": {
             "size": cfg.image.size,
             "interpolation": cfg.image.interpolation,
             "mean": list(cfg.image.mean),
             "std": list(cfg.image.std),
+            "resize_mode": "shortest",  # resize the shorter side to `size` (antialiased), then centre-crop
+            "input": "RGB, scaled to [0, 1], then (x - mean) / std, NCHW float32",
         },
-        "tokenizer": {"name": TOKENIZER_NAME, "context_length": cfg.text.context_length},
+        "tokenizer": {**tokenizer_spec(cfg.text.context_length), "vocab_file": TOKENIZER_VOCAB_FILE,
+                      "vocab_sha256": sha256_file(vocab_file())},
         "source": {"checkpoint_step": step},
-        "files": {"weights": WEIGHTS_FILE},
+        "files": {"weights": WEIGHTS_FILE, "tokenizer_vocab": TOKENIZER_VOCAB_FILE},
     }
 
 
@@ -124,7 +142,7 @@ def write_weights(model: nn.Module, path: Path) -> None:
         save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
 
 
-# ------------------------------------------------------------------------------------------------- onnx
+# ------------------------------------------------------------------------------------------------ parity
 def parity_inputs(model: CLIP, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Images drawn uniformly in pixel space then normalised as in preprocessing, and tokenised captions."""
     image_cfg = model.cfg.image
@@ -134,6 +152,80 @@ def parity_inputs(model: CLIP, batch: int, seed: int = 0) -> dict[str, torch.Ten
     std = torch.tensor(image_cfg.std).view(1, 3, 1, 1)
     captions = [PARITY_CAPTIONS[i % len(PARITY_CAPTIONS)] for i in range(batch)]
     return {"image": (pixels - mean) / std, "text": tokenize(captions, model.cfg.text.context_length)}
+
+
+def module_runner(module: nn.Module) -> Runner:
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return module(x).numpy()
+    return run
+
+
+def pytorch_runners(model: CLIP) -> dict[str, Runner]:
+    return {name: module_runner(module) for name, module in encoders(model).items()}
+
+
+def program_runners(files: dict[str, Path]) -> dict[str, Runner]:
+    """Runners of the saved `torch.export` programs, loaded back from disk."""
+    return {name: module_runner(torch.export.load(str(path)).module()) for name, path in files.items()}
+
+
+def onnx_runners(files: dict[str, Path]) -> dict[str, Runner]:
+    import onnxruntime as ort
+
+    def runner(path: Path, input_name: str) -> Runner:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: session.run([ONNX_OUTPUT], {input_name: x.numpy()})[0]
+
+    return {name: runner(path, ONNX_INPUTS[name]) for name, path in files.items()}
+
+
+def reference_outputs(runners: dict[str, Runner], inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, np.ndarray]]:
+    """Each encoder's embeddings of the parity inputs at the full batch and at batch 1."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for name, run in runners.items():
+        x = inputs[ENCODER_INPUTS[name]]
+        out[name] = {size: run(x[:size]) for size in (x.shape[0], 1)}
+    return out
+
+
+def measure_parity(reference: dict[str, dict[int, np.ndarray]], runners: dict[str, Runner],
+                   inputs: dict[str, torch.Tensor]) -> Parity:
+    """Max abs difference of each runner's embeddings from the reference's, per encoder and batch size."""
+    parity: Parity = {}
+    for name, run in runners.items():
+        x = inputs[ENCODER_INPUTS[name]]
+        parity[name] = {}
+        for size, expected in reference[name].items():
+            got = run(x[:size])
+            if got.shape != expected.shape:
+                raise ExportParityError(f"{name}: output shape {got.shape} != reference {expected.shape}")
+            parity[name][f"batch_{size}"] = float(np.abs(got - expected).max())
+    return parity
+
+
+def check_parity(parity: dict[str, Parity], tolerance: float) -> None:
+    """Raise :class:`ExportParityError` naming the worst format/encoder/batch if it exceeds `tolerance`."""
+    # `not diff <= tolerance` also catches NaN, which every comparison (and so `max`) would let through.
+    failures = [(fmt, enc, b, diff) for fmt, per_encoder in parity.items() for enc, per in per_encoder.items()
+                for b, diff in per.items() if not diff <= tolerance]
+    if failures:
+        fmt, enc, b, diff = max(failures, key=lambda f: np.inf if np.isnan(f[3]) else f[3])
+        raise ExportParityError(f"{fmt} parity failed: {enc} at {b} differs from its reference by {diff:.3g} "
+                                f"(export.parity_tolerance={tolerance:g}); see {PARITY_FILE}")
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def export_program(module: nn.Module, example: torch.Tensor) -> ExportedProgram:
+    """`torch.export` of `module(input) -> embedding` with a dynamic batch axis."""
+    if example.shape[0] < 2:  # torch.export specialises a dimension of size 1 instead of keeping it dynamic
+        raise ValueError(f"the example batch for export needs at least two rows, got {example.shape[0]}")
+    return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def save_program(program: ExportedProgram, path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: save() wants a `.pt2` name otherwise
+        torch.export.save(program, f)
 
 
 def _name_graph_output(graph: Any, name: str) -> None:
@@ -148,85 +240,87 @@ def _name_graph_output(graph: Any, name: str) -> None:
     output.name = name
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
-    """Export `module(input) -> embedding` with the dynamo exporter and a dynamic batch axis."""
-    if example.shape[0] < 2:  # torch.export specialises a dimension of size 1 instead of keeping it dynamic
-        raise ValueError(f"the example batch for ONNX export needs at least two rows, got {example.shape[0]}")
-    program = torch.onnx.export(
-        module.eval(), (example,), input_names=[input_name], opset_version=opset, dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-    )
-    _name_graph_output(program.model.graph, ONNX_OUTPUT)
+def export_onnx(program: ExportedProgram, input_name: str, path: Path, opset: int) -> None:
+    """Translate an exported program (dynamic batch already in it) to ONNX with the dynamo exporter."""
+    onnx_program = torch.onnx.export(program, input_names=[input_name], opset_version=opset, dynamo=True,
+                                     verbose=False)
+    _name_graph_output(onnx_program.model.graph, ONNX_OUTPUT)
     with atomic_path(path) as tmp:
-        program.save(str(tmp), external_data=False)
+        onnx_program.save(str(tmp), external_data=False)
 
 
-def measure_parity(model: CLIP, onnx_files: dict[str, Path], batch: int) -> dict[str, dict[str, float]]:
-    """Max abs difference between onnxruntime and PyTorch per encoder, at batch sizes `batch` and 1."""
-    import onnxruntime as ort
-
-    encoders = {"image_encoder": ImageEncoder(model).eval(), "text_encoder": TextEncoder(model).eval()}
-    inputs = parity_inputs(model, batch)
-    parity: dict[str, dict[str, float]] = {}
-    for name, path in onnx_files.items():
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        input_name = ONNX_INPUTS[name]
-        parity[name] = {}
-        for size in (batch, 1):
-            x = inputs[input_name][:size]
-            with torch.inference_mode():
-                expected = encoders[name](x).numpy()
-            (got,) = session.run([ONNX_OUTPUT], {input_name: x.numpy()})
-            if got.shape != expected.shape:
-                raise ExportParityError(f"{name}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
-            parity[name][f"batch_{size}"] = float(np.abs(got - expected).max())
-    return parity
+def export_programs(model: CLIP, inputs: dict[str, torch.Tensor]) -> dict[str, ExportedProgram]:
+    return {name: export_program(module, inputs[ENCODER_INPUTS[name]]) for name, module in encoders(model).items()}
 
 
-def check_parity(parity: dict[str, dict[str, float]], tolerance: float) -> None:
-    """Raise :class:`ExportParityError` naming the worst encoder/batch if it exceeds `tolerance`."""
-    # `not diff <= tolerance` also catches NaN, which every comparison (and so `max`) would let through.
-    failures = [(enc, b, diff) for enc, per in parity.items() for b, diff in per.items() if not diff <= tolerance]
-    if failures:
-        enc, b, diff = max(failures, key=lambda f: np.inf if np.isnan(f[2]) else f[2])
-        raise ExportParityError(f"ONNX parity failed: {enc} at {b} differs from PyTorch by {diff:.3g} "
-                                f"(export.parity_tolerance={tolerance:g}); see {PARITY_FILE}")
+def inference_model(model: CLIP, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, ExportedProgram], list[str]]:
+    """Reparameterize `model` in place and drop the modules its encoders never read; return the encoders' programs
+    (of the final model) and the dropped module names."""
+    reparameterize(model)
+    programs = export_programs(model, inputs)
+    dropped = unreachable_modules(model, programs.values())
+    if dropped:
+        drop_modules(model, dropped)
+        programs = export_programs(model, inputs)  # the programs held the dropped tensors as unused inputs
+    return programs, dropped
 
 
-def export_and_check_onnx(model: CLIP, out_dir: Path,
-                          export_cfg: ExportConfig) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
-    """Write both ONNX encoders and `parity.json`; raise if parity fails (after writing the report)."""
-    inputs = parity_inputs(model, export_cfg.parity_batch)
-    files = {name: out_dir / fname for name, fname in ONNX_FILES.items()}
-    export_onnx(ImageEncoder(model), inputs["image"], "image", files["image_encoder"], export_cfg.opset)
-    export_onnx(TextEncoder(model), inputs["text"], "text", files["text_encoder"], export_cfg.opset)
-    parity = measure_parity(model, files, export_cfg.parity_batch)
-    report = {"tolerance": export_cfg.parity_tolerance, "max_abs_diff": parity}
-    write_json_atomic(out_dir / PARITY_FILE, report)
-    check_parity(parity, export_cfg.parity_tolerance)
-    return {**files, "parity": out_dir / PARITY_FILE}, parity
+def write_formats(model: CLIP, programs: dict[str, ExportedProgram], out_dir: Path, export_cfg: ExportConfig,
+                  inputs: dict[str, torch.Tensor]) -> tuple[dict[str, Path], dict[str, Parity]]:
+    """Write the `.pt2` programs (and ONNX encoders) and measure each against the PyTorch model."""
+    reference = reference_outputs(pytorch_runners(model), inputs)
+    program_files = {name: out_dir / fname for name, fname in PROGRAM_FILES.items()}
+    for name, path in program_files.items():
+        save_program(programs[name], path)
+    parity = {"torch_export": measure_parity(reference, program_runners(program_files), inputs)}
+    files = {path.name: path for path in program_files.values()}
+    if export_cfg.onnx:
+        onnx_files = {name: out_dir / fname for name, fname in ONNX_FILES.items()}
+        for name, path in onnx_files.items():
+            export_onnx(programs[name], ENCODER_INPUTS[name], path, export_cfg.opset)
+        parity["onnx"] = measure_parity(reference, onnx_runners(onnx_files), inputs)
+        files.update({path.name: path for path in onnx_files.values()})
+    return files, parity
 
 
 # ------------------------------------------------------------------------------------------------ stage
 def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> ExportResult:
-    """Export the final training checkpoint to `out_dir` (see the module docstring)."""
+    """Export the final training checkpoint to `out_dir` (see the module docstring). `config.json` is written
+    last, only when every parity check passes: a failed export is never loadable."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, ckpt = model_from_checkpoint(checkpoint)
     if model.cfg != cfg.model:
         # The checkpoint is what was trained; params.yaml may have moved on since.
         log.warning("model config in %s differs from params.yaml's `model`; exporting the checkpoint's", checkpoint)
-    metadata = export_metadata(model, ckpt.get("step"))
-    files = {"weights": out_dir / WEIGHTS_FILE}
+    inputs = parity_inputs(model, cfg.export.parity_batch)
+    trained = reference_outputs(pytorch_runners(model), inputs)
+    param_count_unfused = parameter_count(model)
+    programs, dropped = inference_model(model, inputs)
+    parity = {"reparameterized": measure_parity(trained, pytorch_runners(model), inputs)}
+
+    files = {"weights": out_dir / WEIGHTS_FILE, "tokenizer_vocab": out_dir / TOKENIZER_VOCAB_FILE}
     write_weights(model, files["weights"])
-    parity: dict[str, dict[str, float]] = {}
+    with atomic_path(files["tokenizer_vocab"]) as tmp:
+        shutil.copyfile(vocab_file(), tmp)
+    format_files, format_parity = write_formats(model, programs, out_dir, cfg.export, inputs)
+    files.update(format_files)
+    parity.update(format_parity)
+    files["parity"] = out_dir / PARITY_FILE
+    write_json_atomic(files["parity"], {"tolerance": cfg.export.parity_tolerance, "max_abs_diff": parity})
+    check_parity(parity, cfg.export.parity_tolerance)
+
+    metadata = export_metadata(model, ckpt.get("step"), param_count_unfused, dropped)
+    metadata["files"].update({f"{name}_program": fname for name, fname in PROGRAM_FILES.items()})
+    metadata["torch_export"] = {"files": PROGRAM_FILES, "inputs": ENCODER_INPUTS, "dynamic_axes": {"batch": 0},
+                                "normalized": True}
     if cfg.export.onnx:
         metadata["files"].update(ONNX_FILES)
         metadata["onnx"] = {"opset": cfg.export.opset, "inputs": ONNX_INPUTS, "output": ONNX_OUTPUT,
                             "dynamic_axes": {"batch": 0}, "normalized": True}
-        onnx_files, parity = export_and_check_onnx(model, out_dir, cfg.export)
-        files.update(onnx_files)
     files["config"] = out_dir / CONFIG_FILE
     write_json_atomic(files["config"], metadata)
-    log.info("exported %d parameters to %s; parity %s", metadata["param_count"], out_dir, json.dumps(parity))
-    return ExportResult(out_dir=out_dir, files=files, parity=parity, param_count=metadata["param_count"])
+    log.info("exported %d parameters (%d before reparameterization, dropped %s) to %s; parity %s",
+             metadata["param_count"], param_count_unfused, dropped or "nothing", out_dir, json.dumps(parity))
+    return ExportResult(out_dir=out_dir, files=files, parity=parity, param_count=metadata["param_count"],
+                        param_count_unfused=param_count_unfused)

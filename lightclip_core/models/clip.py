@@ -10,7 +10,7 @@ from torch import nn
 from lightclip_core.config import ModelConfig
 from lightclip_core.data.tokenizer import special_token_ids, vocab_size
 from lightclip_core.models.image_tower import ImageTower
-from lightclip_core.models.text_tower import TextTower
+from lightclip_core.models.text_tower import build_text_tower
 
 
 class CLIP(nn.Module):
@@ -21,9 +21,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = ImageTower(cfg.image.tower, cfg.embed_dim, pretrained=pretrained_image)
-        t = cfg.text
-        self.text = TextTower(vocab_size(), t.context_length, t.width, t.heads, t.layers, cfg.embed_dim,
-                              mlp_ratio=t.mlp_ratio, eot_token_id=special_token_ids()["eot"])
+        self.text = build_text_tower(cfg.text, cfg.embed_dim, vocab_size(), special_token_ids()["eot"])
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.max_logit_scale = float(cfg.max_logit_scale)
 
