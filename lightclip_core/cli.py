@@ -1,7 +1,8 @@
 """`lightclip <stage>`: the command line used by DVC stages, Kubeflow components and people.
 
 Each command validates params.yaml (plus `--set key=value` overrides) and its input paths before any work; a bad
-value prints one line and exits with code 2. The stage itself is a function in lightclip_core.
+value prints one line and exits with code 2. An unreachable tracking server stops a stage before any work with
+one line and exit code 3. The stage itself is a function in lightclip_core.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lightclip_core.config import Config, ConfigError, load_config
 log = logging.getLogger("lightclip")
 
 EXIT_BAD_INPUT = 2
+EXIT_TRACKING = 3
 
 
 class InputError(ConfigError):
@@ -81,6 +83,31 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     return result.metrics
 
 
+def cmd_register(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.tracking.mlflow_utils import StageRun
+    from lightclip_core.tracking.registry import read_inputs, register, skipped
+
+    export_dir = _existing(args.model, "export directory", "--model")
+    eval_dir = _existing(args.eval, "evaluation directory", "--eval")
+    inputs = read_inputs(cfg, export_dir, eval_dir, args.train_data, args.test_data, args.train_log)
+    if not (cfg.registry.enabled and cfg.tracking.enabled):
+        why = "registry.enabled is false" if not cfg.registry.enabled else "tracking.enabled is false"
+        return skipped(cfg, inputs, args.out, why).to_json()
+    labelled = {"model": export_dir, "eval": eval_dir, "train_data": inputs.train_data, "test_data": inputs.test_data}
+    with StageRun(cfg, "register", inputs={k: v for k, v in labelled.items() if v is not None}) as run:
+        result = register(cfg, inputs, args.out, run)
+    return result.to_json()
+
+
+def cmd_tracking(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.tracking.spool import sync_spool
+
+    spool = Path(args.spool_dir or cfg.tracking.spool_dir)
+    delivered = sync_spool(spool) if spool.is_dir() else {}
+    left = sorted(p.name for p in spool.glob("*.jsonl")) if spool.is_dir() else []
+    return {"spool_dir": str(spool), "delivered": delivered, "left": left}
+
+
 def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in tree.items():
@@ -100,8 +127,10 @@ def _write_metrics(path: Path, metrics: dict) -> None:
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], dict], str]] = {
     "prepare": (cmd_prepare, "generate the synthetic dataset or ingest real data into shards"),
     "train": (cmd_train, "train a CLIP model on prepared shards"),
-    "export": (cmd_export, "export a trained checkpoint to safetensors + ONNX, with a parity check"),
+    "export": (cmd_export, "fold and export a trained checkpoint (safetensors, torch.export, ONNX), parity-checked"),
     "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
+    "register": (cmd_register, "register the evaluated model in MLflow; move `champion` if it passes the gate"),
+    "tracking": (cmd_tracking, "tracking maintenance: `lightclip tracking sync` uploads spooled operations"),
 }
 
 
@@ -123,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["evaluate"].add_argument("--data", default="artifacts/data/test")
     parsers["evaluate"].add_argument("--train-log", default="artifacts/train/train_log.csv")
     parsers["evaluate"].add_argument("--out", default="artifacts/eval")
+    parsers["register"].add_argument("--model", default="artifacts/export")
+    parsers["register"].add_argument("--eval", default="artifacts/eval")
+    parsers["register"].add_argument("--train-data", default="artifacts/data/train")
+    parsers["register"].add_argument("--test-data", default="artifacts/data/test")
+    parsers["register"].add_argument("--train-log", default="artifacts/train/train_log.csv")
+    parsers["register"].add_argument("--out", default="artifacts/register")
+    parsers["tracking"].add_argument("action", choices=["sync"],
+                                     help="sync: deliver what a stage could not send to the tracking server")
+    parsers["tracking"].add_argument("--spool-dir", default=None, help="default: tracking.spool_dir")
     return parser
 
 
@@ -132,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command, _ = COMMANDS[args.command]
     from lightclip_core.data.ingest import DataError
+    from lightclip_core.tracking.spool import TrackingUnavailable
 
     try:
         cfg = load_config(args.params, args.overrides)
@@ -142,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:  # the input data is too broken to publish: one line, nothing published
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except TrackingUnavailable as err:  # raised before the stage's work (or by sync): nothing half-done
+        print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_TRACKING
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

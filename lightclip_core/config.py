@@ -39,7 +39,7 @@ class IngestData(_Section):
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail past this fraction of bad samples")
 
     @model_validator(mode="after")
-    def _fractions(self) -> "IngestData":
+    def _fractions(self) -> IngestData:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction}; must be < 1")
         return self
@@ -54,7 +54,7 @@ class DataConfig(_Section):
     ingest: IngestData = IngestData()
 
     @model_validator(mode="after")
-    def _ingest_path(self) -> "DataConfig":
+    def _ingest_path(self) -> DataConfig:
         if self.source != "synthetic":
             if not self.ingest.path:
                 raise ValueError(f"data.source={self.source!r} needs data.ingest.path")
@@ -69,17 +69,28 @@ class DataConfig(_Section):
 
 # -------------------------------------------------------------------------------------------------- model
 class TextConfig(_Section):
+    kind: Literal["transformer", "mct"] = Field(
+        "transformer", description="mct: MobileCLIP's RepMixer block, `layers` transformer layers, RepMixer block")
     context_length: int = Field(32, ge=4, le=77)
     width: int = Field(256, ge=8)
     heads: int = Field(4, ge=1)
-    layers: int = Field(4, ge=1, le=24)
+    layers: int = Field(4, ge=1, le=24, description="transformer layers (for mct: between the two RepMixer blocks)")
     mlp_ratio: float = Field(4.0, gt=0)
+    causal: bool = Field(True, description="causal attention as in CLIP; false: bidirectional, padding masked")
+    mixer_kernel: int = Field(11, ge=1, description="mct: width of the 1 x k depthwise token-mixing kernel")
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TextConfig":
+    def _heads_divide_width(self) -> TextConfig:
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} must be divisible by text.heads={self.heads}")
         return self
+
+    @field_validator("mixer_kernel")
+    @classmethod
+    def _odd_kernel(cls, k: int) -> int:
+        if k % 2 == 0:
+            raise ValueError(f"must be odd so that token mixing keeps the sequence length, got {k}")
+        return k
 
 
 class ImageConfig(_Section):
@@ -107,11 +118,40 @@ class ImageConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """A null value in this section means "not set": the field takes the preset's value, else its default."""
+
+    preset: str | None = Field(None, description="a named model (lightclip_core/models/registry.py)")
     embed_dim: int = Field(256, ge=8)
     init_logit_scale: float = Field(2.6592, description="log(1/0.07), the CLIP initialisation")
     max_logit_scale: float = Field(100.0, gt=1.0)
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        # A null counts as unset, like an absent key: params.yaml spells out every field (null where a preset may
+        # fill it), so `dvc exp run -S model.preset=...` takes effect without deleting lines.
+        if not isinstance(data, dict):
+            return data
+        from lightclip_core.models.registry import is_preset, preset_values
+
+        explicit = _drop_nulls(data)
+        name = explicit.get("preset")
+        return _merge(preset_values(name), explicit) if isinstance(name, str) and is_preset(name) else explicit
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str | None) -> str | None:
+        from lightclip_core.models.registry import is_preset, list_presets
+
+        if name is not None and not is_preset(name):
+            raise ValueError(f"unknown model preset; known: {', '.join(list_presets())}")
+        return name
+
+
+def _drop_nulls(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_nulls(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -179,6 +219,20 @@ class TrackingConfig(_Section):
     experiment: str = Field("lightclip", min_length=1)
     uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo")
     enabled: bool = True
+    spool_dir: str = Field("mlflow-spool", min_length=1,
+                           description="journal of tracking operations not yet delivered; `lightclip tracking sync`")
+    flush_timeout_s: float = Field(30.0, ge=0, description="at the end of a stage, how long to wait for the server")
+    system_metrics_interval_s: float = Field(10.0, ge=0, description="CPU/memory/GPU sampling period; 0: off")
+
+
+# ----------------------------------------------------------------------------------------------- registry
+class RegistryConfig(_Section):
+    enabled: bool = True
+    model_name: str = Field("lightclip", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="registered model name: letters, digits, _ . -")
+    gate_metric: str = Field("zeroshot/colour_shape/top1", min_length=1,
+                             description="key of the evaluation metrics.json; higher is better")
+    margin: float = Field(0.0, ge=0.0, description="champion moves only if the candidate beats it by more than this")
 
 
 class Config(_Section):
@@ -187,6 +241,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def flat(self) -> dict[str, Any]:

@@ -52,6 +52,9 @@ BAD_INPUTS = [
     ("evaluate.recall_at=[0, 5]", "recall_at"),
     ("export.opset=7", "export.opset"),
     ("tracking.experiment=''", "tracking.experiment"),
+    ("tracking.flush_timeout_s=-1", "tracking.flush_timeout_s"),
+    ("registry.margin=-0.1", "registry.margin"),
+    ("registry.model_name=a/b", "registry.model_name"),
 ]
 
 

@@ -212,11 +212,18 @@ def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
     assert np.array(per_class["colour_shape"]["confusion"]).sum() == 12
 
     names = sorted(p.name for p in result.plots.values())
-    assert names == ["training_curves.png", "zeroshot_colour_confusion.png", "zeroshot_colour_per_class.png",
+    assert names == ["retrieval_recall.png", "similarity_heatmap.png", "training_curves.png",
+                     "zeroshot_colour_confusion.png", "zeroshot_colour_per_class.png",
                      "zeroshot_colour_shape_confusion.png", "zeroshot_colour_shape_per_class.png"]
     for path in result.plots.values():
         assert path.parent == tmp_path / "eval" / "plots"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    report = result.report["markdown"].read_text()  # the stakeholder's page links every plot and names the model
+    assert "mobilenetv2_050" in report and "12 image-text samples" in report
+    assert all(f"(plots/{name})" in report for name in names if "confusion" not in name)
+    page = result.report["html"].read_text()
+    assert page.count("data:image/png;base64,") == len(names) - 2 and "<table>" in page
 
     again = evaluate(cfg, export_dir, test_dir, tmp_path / "again")
     assert again.metrics_path.read_bytes() == result.metrics_path.read_bytes()  # deterministic for DVC

@@ -1,5 +1,6 @@
 """The whole DVC pipeline on a tiny config, in a fresh git repository: `dvc repro` end to end, a second repro is a
-no-op, `dvc exp run -S` works, and every stage logged an MLflow run with lineage tags."""
+no-op, `dvc exp run -S` works, every stage logged an MLflow run with lineage tags under one parent run per
+`dvc repro`, and the evaluated model was registered as the champion."""
 from __future__ import annotations
 
 import json
@@ -76,8 +77,11 @@ def test_repro_produces_every_stage_output(project):
     assert {"zeroshot/colour_shape/top1", "retrieval/image_to_text/R@1"} <= set(metrics)
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "num_test_samples")
     assert list((repo / "artifacts/eval/plots").glob("*.png"))
+    assert (repo / "artifacts/eval/report.html").is_file()
+    decision = json.loads((repo / "artifacts/register/decision.json").read_text())
+    assert decision["decision"] == "promoted" and decision["version"] == "1"  # the first model: no champion yet
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "export", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "train", "export", "evaluate", "register"}
 
 
 def test_second_repro_is_a_no_op(project):
@@ -94,9 +98,12 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
     repo, env, _, _ = project
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("lightclip")
-    runs = client.search_runs([experiment.experiment_id])
-    by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert {"prepare", "train", "export", "evaluate"} <= set(by_stage)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    first_repro = [r for r in runs if r.data.tags.get("lightclip.role") == "pipeline"][0]
+    by_stage = {r.data.tags["stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == first_repro.info.run_id}
+    assert set(by_stage) == {"prepare", "train", "export", "evaluate", "register"}  # one parent, a child per stage
+    assert first_repro.data.tags["lightclip.orchestrator"] == "dvc"
     train = by_stage["train"]
     assert len(train.data.tags["git.commit"]) == 40
     assert train.data.tags["dvc.input.data"].endswith(".dir")
@@ -104,6 +111,9 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 7))
     assert "zeroshot/colour_shape/top1" in by_stage["evaluate"].data.metrics
+    assert by_stage["train"].inputs.dataset_inputs[0].dataset.name == "synthetic-train"
+    champion = client.get_model_version_by_alias("lightclip", "champion")
+    assert champion.run_id == by_stage["register"].info.run_id
 
 
 def test_exp_run_with_a_changed_learning_rate(project):

@@ -88,3 +88,48 @@ def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], title: 
 def _class_ticks(axis: Axis, classes: Sequence[str], rotation: int) -> None:
     if len(classes) <= _MAX_TICK_LABELS:
         axis.set_ticks(np.arange(len(classes)), labels=list(classes), rotation=rotation, fontsize=8)
+
+
+def plot_retrieval_recall(recalls: dict[str, dict[int, float]], path: Path) -> Path:
+    """Recall at k for image-to-text and text-to-image retrieval, grouped by k."""
+    directions = sorted(recalls)
+    ks = sorted({k for per_k in recalls.values() for k in per_k})
+    width = 0.8 / max(len(directions), 1)
+    fig = Figure(figsize=(max(5.0, 1.2 * len(ks) + 2), 4))
+    ax = fig.subplots()
+    for i, direction in enumerate(directions):
+        values = [recalls[direction].get(k, np.nan) for k in ks]
+        bars = ax.bar(np.arange(len(ks)) + (i - (len(directions) - 1) / 2) * width, values, width,
+                      label=direction.replace("_", " "))
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(np.arange(len(ks)), labels=[f"R@{k}" for k in ks])
+    ax.set(ylim=(0, 1.05), ylabel="recall", title="Image-text retrieval: recall at k")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_similarity_heatmap(images: Sequence[np.ndarray], captions: Sequence[str], similarity: np.ndarray,
+                            path: Path, max_caption: int = 48) -> Path:
+    """Cosine similarity of a few test images (columns, thumbnails on top) and their captions (rows, same order):
+    a model that has learned the task puts the largest value of each row on the diagonal."""
+    similarity = np.asarray(similarity, dtype=float)
+    n_text, n_image = similarity.shape
+    fig = Figure(figsize=(3.5 + 1.0 * n_image, 1.6 + 0.6 * n_text))
+    ax = fig.subplots()
+    heat = ax.imshow(similarity, cmap="viridis", interpolation="nearest", aspect="equal")
+    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    for i, image in enumerate(images):  # thumbnails in the band above the matrix
+        ax.imshow(image, extent=(i - 0.5, i + 0.5, -0.6, -1.6), interpolation="bilinear")
+    best = similarity.argmax(axis=1)
+    low, high = float(similarity.min()), float(similarity.max())
+    for y in range(n_text):
+        for x in range(n_image):
+            bright = (similarity[y, x] - low) > 0.6 * (high - low)  # viridis is light at the top of its range
+            ax.text(x, y, f"{similarity[y, x]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if bright else "white", fontweight="bold" if x == best[y] else "normal")
+    labels = [c if len(c) <= max_caption else c[:max_caption - 1] + "…" for c in captions]
+    ax.set_yticks(np.arange(n_text), labels=labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set(xlim=(-0.5, n_image - 0.5), ylim=(n_text - 0.5, -1.7),
+           title="Image-text similarity on test pairs (bold: best image for each caption)")
+    return _save(fig, path)

@@ -1,7 +1,9 @@
 """Evaluate stage: zero-shot classification and image-text retrieval of an exported model on a test split.
 
 Writes `metrics.json` (flat, sorted keys: what DVC and MLflow read), `per_class.json` (per-class recall, support
-and confusion matrix of every zero-shot task) and PNG plots under `plots/`.
+and confusion matrix of every zero-shot task), PNG plots under `plots/` (per-class accuracy, confusion, retrieval
+recall at k, an image-text similarity heatmap of a few test pairs, training curves) and `report.md` /
+`report.html`, the stakeholder's view of all of it.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.shards import decode_image, decode_meta, iter_raw_samples, read_manifest, shard_paths
 from lightclip_core.data.storage import write_json_atomic
 from lightclip_core.evaluate import plots
+from lightclip_core.evaluate.report import ReportInputs, write_report
 from lightclip_core.evaluate.retrieval import retrieval_metrics
 from lightclip_core.evaluate.zeroshot import classification_metrics, zero_shot_weights
 from lightclip_core.export.load import ExportedModel, load_exported
@@ -28,6 +32,7 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
 PLOTS_DIR = "plots"
 ZERO_SHOT_KS = (1, 5)
+SIMILARITY_PAIRS = 8
 
 
 @dataclass
@@ -36,6 +41,7 @@ class EvalResult:
     metrics_path: Path
     per_class_path: Path
     plots: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,16 +120,52 @@ def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec:
     return classification_metrics(logits, emb.labels[task], len(spec["classes"]), ks=ZERO_SHOT_KS)
 
 
+@torch.inference_mode()
+def similarity_pairs(exported: ExportedModel, test_dir: str | os.PathLike, manifest: dict[str, Any],
+                     count: int) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    """The first `count` test images, the first caption of each, and their cosine similarity [caption, image]."""
+    model, device = exported.model, next(exported.model.parameters()).device
+    images, captions = [], []
+    for raw in iter_raw_samples(shard_paths(test_dir, manifest)):
+        images.append(decode_image(raw))
+        captions.append(_captions_of(raw, decode_meta(raw))[0])
+        if len(images) == count:
+            break
+    image_emb = model.encode_image(torch.stack([exported.preprocess(im) for im in images]).to(device)).cpu()
+    text_emb = model.encode_text(exported.tokenize(captions).to(device)).cpu()
+    return [np.asarray(im) for im in images], captions, (text_emb @ image_emb.T).numpy()
+
+
+def training_summary(train_log: str | os.PathLike) -> dict[str, float]:
+    """Steps and final loss (mean of the last 20 steps, as the trainer reports it) from `train_log.csv`."""
+    log_columns = plots.read_train_log(train_log)
+    return {"steps": float(log_columns["step"][-1]), "final_loss": float(np.nanmean(log_columns["loss"][-20:]))}
+
+
 def _file_stem(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
+
+
+def plot_files(tasks: list[str]) -> dict[str, str]:
+    """Plot name -> path relative to the evaluation directory (what `evaluate` writes; the report links them)."""
+    files: dict[str, str] = {}
+    for task in tasks:
+        stem = _file_stem(task)
+        files[f"{task}/per_class"] = f"{PLOTS_DIR}/zeroshot_{stem}_per_class.png"
+        files[f"{task}/confusion"] = f"{PLOTS_DIR}/zeroshot_{stem}_confusion.png"
+    files.update({"retrieval": f"{PLOTS_DIR}/retrieval_recall.png",
+                  "similarity": f"{PLOTS_DIR}/similarity_heatmap.png",
+                  "training_curves": f"{PLOTS_DIR}/training_curves.png"})
+    return files
 
 
 def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, out_dir: str | os.PathLike,
              train_log: str | os.PathLike | None = None, device: str | torch.device | None = None) -> EvalResult:
     """Evaluate the exported model on the test split; see the module docstring for what is written."""
-    out_dir, plots_dir = Path(out_dir), Path(out_dir) / PLOTS_DIR
+    out_dir = Path(out_dir)
     manifest = read_manifest(test_dir)
     tasks = select_tasks(manifest, cfg.evaluate.tasks, test_dir)  # fail on a bad task before any work
+    files = {name: out_dir / rel for name, rel in plot_files(list(tasks)).items()}
     if train_log is not None and not Path(train_log).is_file():
         raise FileNotFoundError(f"training log {str(train_log)!r} does not exist")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,21 +183,30 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
         per_class[task] = {"classes": list(spec["classes"]), "recall": result["per_class_recall"],
                            "support": result["support"], "confusion": result["confusion"].tolist(),
                            "templates": templates}
-        stem, title = _file_stem(task), f"zero-shot {task}"
+        title = f"zero-shot {task}"
         plot_paths[f"{task}/per_class"] = plots.plot_per_class_accuracy(
-            spec["classes"], result["per_class_recall"], f"{title}: per-class accuracy",
-            plots_dir / f"zeroshot_{stem}_per_class.png")
+            spec["classes"], result["per_class_recall"], f"{title}: per-class accuracy", files[f"{task}/per_class"])
         plot_paths[f"{task}/confusion"] = plots.plot_confusion_matrix(
-            result["confusion"], spec["classes"], f"{title}: confusion", plots_dir / f"zeroshot_{stem}_confusion.png")
+            result["confusion"], spec["classes"], f"{title}: confusion", files[f"{task}/confusion"])
 
     recalls = retrieval_metrics(emb.images, emb.captions, emb.caption_owner, cfg.evaluate.recall_at)
     for direction, per_k in recalls.items():
         metrics.update({f"retrieval/{direction}/R@{k}": value for k, value in per_k.items()})
+    plot_paths["retrieval"] = plots.plot_retrieval_recall(recalls, files["retrieval"])
+    pair_images, pair_captions, similarity = similarity_pairs(exported, test_dir, manifest, SIMILARITY_PAIRS)
+    plot_paths["similarity"] = plots.plot_similarity_heatmap(pair_images, pair_captions, similarity,
+                                                             files["similarity"])
+    training: dict[str, float] = {}
     if train_log is not None:
-        plot_paths["training_curves"] = plots.plot_training_curves(train_log, plots_dir / "training_curves.png")
+        plot_paths["training_curves"] = plots.plot_training_curves(train_log, files["training_curves"])
+        training = training_summary(train_log)
 
     write_json_atomic(out_dir / PER_CLASS_FILE, per_class)
     write_json_atomic(out_dir / METRICS_FILE, metrics)  # sorted keys: DVC diffs it
+    report = write_report(ReportInputs(
+        cfg=cfg, metrics=metrics, per_class=per_class, export_config=exported.config, test_manifest=manifest,
+        plots={name: str(path.relative_to(out_dir)) for name, path in plot_paths.items()}, training=training,
+    ), out_dir, "LightCLIP evaluation report")
     log.info("evaluated %d test samples: %s", len(emb.images), metrics)
     return EvalResult(metrics=metrics, metrics_path=out_dir / METRICS_FILE, per_class_path=out_dir / PER_CLASS_FILE,
-                      plots=plot_paths)
+                      plots=plot_paths, report=report)

@@ -1,0 +1,236 @@
+"""The evaluation report a stakeholder reads without the code (Markdown and a self-contained HTML page), and the
+model card that becomes the description of a registered model version.
+
+Plain functions of plain data: the evaluate stage calls them without a comparison, the register stage again with
+the comparison against the current champion and the lineage of the run.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightclip_core.config import Config
+from lightclip_core.data.storage import write_bytes_atomic
+
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+HEADLINE_RETRIEVAL = "retrieval/image_to_text/R@1"
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}")
+
+
+@dataclass
+class Comparison:
+    """The gate decision of a registration: the candidate against the champion it met (None: no champion)."""
+
+    model_name: str
+    candidate_version: str
+    gate_metric: str
+    margin: float
+    candidate_value: float
+    promoted: bool
+    reason: str
+    champion_version: str | None = None
+    champion_value: float | None = None
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ReportInputs:
+    """What the report describes. `plots` maps a plot name to its path relative to the report's directory."""
+
+    cfg: Config
+    metrics: dict[str, float]
+    per_class: dict[str, Any]
+    export_config: dict[str, Any]
+    test_manifest: dict[str, Any]
+    plots: dict[str, str] = field(default_factory=dict)
+    train_manifest: dict[str, Any] | None = None
+    training: dict[str, float] = field(default_factory=dict)  # steps, final loss, ...
+    comparison: Comparison | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe_model(export_config: dict[str, Any]) -> str:
+    mc = export_config.get("model_config", {})
+    image, text = mc.get("image", {}), mc.get("text", {})
+    params = export_config.get("param_count")
+    size = f", {params / 1e6:.2f} M parameters" if params else ""
+    return (f"CLIP model with a `{image.get('tower')}` image tower ({image.get('size')} px input) and a "
+            f"{text.get('layers')}-layer text transformer (width {text.get('width')}, context "
+            f"{text.get('context_length')} tokens), {export_config.get('embed_dim')}-d embeddings{size}")
+
+
+def describe_data(manifest: dict[str, Any] | None) -> str:
+    if not manifest:
+        return "not recorded"
+    source = (manifest.get("params") or {}).get("source", "unknown source")
+    tasks = ", ".join(sorted(manifest.get("tasks") or {})) or "none"
+    count = manifest.get("num_samples")
+    count = f"{count:,}" if isinstance(count, int) else "?"
+    return (f"{count} image-text samples, `{manifest.get('split')}` split of the {source} dataset "
+            f"({_count(len(manifest.get('shards', [])), 'shard')}; zero-shot tasks: {tasks})")
+
+
+def describe_training(cfg: Config, training: dict[str, float]) -> str:
+    t = cfg.train
+    steps = f"{int(training['steps'])} steps" if "steps" in training else (
+        f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs")
+    loss = f", final loss {training['final_loss']:.3f}" if "final_loss" in training else ""
+    return f"{steps} at batch size {t.batch_size}, learning rate {t.lr:g} ({t.precision}){loss}"
+
+
+def zero_shot_rows(metrics: dict[str, float], per_class: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for task in sorted({k.split("/")[1] for k in metrics if k.startswith("zeroshot/")}):
+        classes = per_class.get(task, {}).get("classes", [])
+        chance = 1 / len(classes) if classes else None
+        rows.append([task, str(len(classes) or "?"), _pct(chance), _pct(metrics.get(f"zeroshot/{task}/top1")),
+                     _pct(metrics.get(f"zeroshot/{task}/top5")),
+                     _pct(metrics.get(f"zeroshot/{task}/mean_per_class_recall"))])
+    return rows
+
+
+def retrieval_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    ks = sorted({int(k.rsplit("R@", 1)[1]) for k in metrics if k.startswith("retrieval/")})
+    rows = []
+    for direction in ("image_to_text", "text_to_image"):
+        if any(k.startswith(f"retrieval/{direction}/") for k in metrics):
+            rows.append([direction.replace("_", " ")] + [_pct(metrics.get(f"retrieval/{direction}/R@{k}"))
+                                                         for k in ks])
+    return ["direction"] + [f"R@{k}" for k in ks], rows
+
+
+def comparison_section(c: Comparison, metrics: dict[str, float]) -> str:
+    if c.champion_version is None:
+        verdict = f"There was no champion: version {c.candidate_version} becomes the champion."
+    elif c.promoted:
+        verdict = (f"Version {c.candidate_version} **replaces** champion version {c.champion_version}: "
+                   f"{c.reason}.")
+    else:
+        verdict = (f"Version {c.candidate_version} is **not promoted**; version {c.champion_version} stays the "
+                   f"champion: {c.reason}.")
+    parts = ["## Comparison with the current champion", "",
+             f"Gate: `{c.gate_metric}` must beat the champion by more than {c.margin:g}. {verdict}", ""]
+    if c.champion_metrics:
+        rows = []
+        for key in sorted(set(metrics) & set(c.champion_metrics)):
+            if key == "num_test_samples":
+                continue
+            new, old = metrics[key], c.champion_metrics[key]
+            mark = " (gate)" if key == c.gate_metric else ""
+            rows.append([f"`{key}`{mark}", _pct(new), _pct(old), f"{100 * (new - old):+.1f} pts"])
+        parts.append(_table(["metric", f"candidate v{c.candidate_version}", f"champion v{c.champion_version}",
+                             "change"], rows))
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def build_report(r: ReportInputs, title: str) -> str:
+    """The report as Markdown (plots referenced by relative path)."""
+    m = r.metrics
+    tasks = zero_shot_rows(m, r.per_class)
+    headline = [f"zero-shot top-1 on **{row[0]}** {row[3]} (chance {row[2]})" for row in tasks]
+    if HEADLINE_RETRIEVAL in m:
+        headline.append(f"image-to-text retrieval R@1 {_pct(m[HEADLINE_RETRIEVAL])}")
+    out = [f"# {title}", "", "## Summary", "",
+           f"- **Model:** {describe_model(r.export_config)}.",
+           f"- **Trained** for {describe_training(r.cfg, r.training)}.",
+           f"- **Training data:** {describe_data(r.train_manifest)}." if r.train_manifest else
+           f"- **Training data:** the `{r.cfg.data.source}` source (see the training run).",
+           f"- **Test data:** {describe_data(r.test_manifest)}.",
+           f"- **Results:** {'; '.join(headline)}."]
+    if r.comparison is not None:
+        out += ["", comparison_section(r.comparison, m)]
+    out += ["", "## Zero-shot classification", "",
+            "Each test image is matched against one text prompt per class (\"a photo of a {class}.\" and similar); "
+            "top-1 is the share of images whose best prompt names the right class, top-5 whether it is among the "
+            "five best. Chance is one over the number of classes.", "",
+            _table(["task", "classes", "chance", "top-1", "top-5", "mean per-class recall"], tasks)]
+    for task in sorted(r.per_class):
+        if f"{task}/per_class" in r.plots:
+            out += ["", f"![per-class accuracy, {task}]({r.plots[f'{task}/per_class']})"]
+    header, rows = retrieval_rows(m)
+    out += ["", "## Image-text retrieval", "",
+            "For each test image, is one of its captions among the k captions the model ranks highest (image to "
+            "text), and for each caption, is its image among the k best images (text to image)?", "",
+            _table(header, rows)]
+    for name, caption in (("retrieval", "recall at k"), ("similarity", "image-text similarity")):
+        if name in r.plots:
+            out += ["", f"![{caption}]({r.plots[name]})"]
+    if "training_curves" in r.plots:
+        out += ["", "## Training", "", f"![training curves]({r.plots['training_curves']})"]
+    if r.lineage:
+        out += ["", "## Lineage", "", _table(["what", "value"], [[k, f"`{v}`"] for k, v in r.lineage.items()])]
+    return "\n".join(out) + "\n"
+
+
+def to_html(markdown: str, base_dir: Path, title: str) -> str:
+    """A single HTML page: the Markdown rendered, plots embedded as data URIs (it opens anywhere, offline)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def embed(match: re.Match) -> str:
+        path = base_dir / html.unescape(match.group(1))
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_report(r: ReportInputs, out_dir: str | Path, title: str) -> dict[str, Path]:
+    """Write `report.md` and `report.html` into `out_dir` (plots must already be there, at `r.plots`)."""
+    out_dir = Path(out_dir)
+    markdown = build_report(r, title)
+    write_bytes_atomic(out_dir / REPORT_MD, markdown.encode())
+    write_bytes_atomic(out_dir / REPORT_HTML, to_html(markdown, out_dir, title).encode())
+    return {"markdown": out_dir / REPORT_MD, "html": out_dir / REPORT_HTML}
+
+
+# -------------------------------------------------------------------------------------------- model card
+def model_card(r: ReportInputs) -> str:
+    """Short Markdown for the registered model version: what it is, its data, its figures, its lineage."""
+    c = r.comparison
+    lines = [f"**LightCLIP** {describe_model(r.export_config)}.", "",
+             f"- Trained for {describe_training(r.cfg, r.training)}.",
+             f"- Training data: {describe_data(r.train_manifest)}.",
+             f"- Test data: {describe_data(r.test_manifest)}."]
+    if c is not None:
+        old = "no champion" if c.champion_version is None else \
+            f"champion v{c.champion_version}: {_pct(c.champion_value)}"
+        lines.append(f"- Gate `{c.gate_metric}` (margin {c.margin:g}): {_pct(c.candidate_value)} vs {old} -> "
+                     f"{'promoted to champion' if c.promoted else 'not promoted'}.")
+    lines += ["", _table(["task", "classes", "chance", "top-1", "top-5", "mean per-class recall"],
+                         zero_shot_rows(r.metrics, r.per_class))]
+    header, rows = retrieval_rows(r.metrics)
+    lines += ["", _table(header, rows)]
+    if r.lineage:
+        lines += ["", "Lineage: " + "; ".join(f"{k} `{v}`" for k, v in r.lineage.items()) + "."]
+    lines += ["", "Use: `mlflow.pyfunc.load_model(\"models:/<name>@champion\").predict(df)` with a DataFrame of "
+                  "`image` (encoded bytes or HxWx3 uint8 arrays) and/or `text`; pass "
+                  "`params={\"classnames\": [...]}` for zero-shot labels."]
+    return "\n".join(lines) + "\n"

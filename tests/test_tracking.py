@@ -1,0 +1,163 @@
+"""Tracking against a real `mlflow server`: one parent run per pipeline execution with a child run per stage and
+lineage, a stage that fails at once when the server is unreachable, and an outage in the middle of training that
+loses no metric (delivered when the server returns, or by `lightclip tracking sync`)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lightclip_core.cli import EXIT_TRACKING, main
+from lightclip_core.config import Config
+from lightclip_core.data.prepare import prepare
+from lightclip_core.tracking.mlflow_utils import StageRun, manifest_digest
+from lightclip_core.tracking.spool import Journal, sync_spool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_config(spool: Path, experiment: str, **tracking: object) -> Config:
+    return Config.model_validate({"tracking": {"experiment": experiment, "spool_dir": str(spool),
+                                               "system_metrics_interval_s": 0.2, **tracking}})
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = Config.model_validate({"data": {"samples_per_shard": 16, "synthetic": {
+        "num_train": 32, "num_val": 4, "num_test": 4, "image_size": 16}}})
+    out = tmp_path_factory.mktemp("data") / "data"
+    prepare(cfg.data, out)
+    return out / "train"
+
+
+@pytest.fixture
+def at_server(mlflow_server, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    for name in ("LIGHTCLIP_PIPELINE_RUN", "KFP_RUN_ID", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    return mlflow_server
+
+
+def test_one_parent_run_per_pipeline_with_one_child_per_stage(at_server, train_split, monkeypatch, tmp_path):
+    pipeline = f"test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("LIGHTCLIP_PIPELINE_RUN", pipeline)
+    monkeypatch.setenv("KFP_RUN_ID", "kfp-run-42")
+    cfg = tracking_config(tmp_path / "spool", "lineage")
+    runs = []
+    for stage in ("prepare", "train"):
+        with StageRun(cfg, stage, inputs={"data": train_split}) as run:
+            run.log_metrics({"loss": 0.5, "retrieval/R@1": 0.25}, step=1)
+        runs.append(run)
+    assert runs[0].parent_run_id == runs[1].parent_run_id is not None
+    assert run.undelivered == 0 and not list((tmp_path / "spool").glob("*.jsonl"))
+
+    client = MlflowClient(at_server.uri)
+    parent = client.get_run(run.parent_run_id)
+    assert parent.data.tags["lightclip.role"] == "pipeline"
+    assert parent.data.tags["lightclip.pipeline_id"] == pipeline
+    assert parent.data.tags["kfp.run_id"] == "kfp-run-42"
+    assert parent.data.params["train.lr"] == str(cfg.train.lr)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["stage"] for c in children) == ["prepare", "train"]
+
+    child = client.get_run(run.run_id)
+    tags = child.data.tags
+    assert tags["kfp.run_id"] == "kfp-run-42" and tags["lightclip.pipeline_id"] == pipeline
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("True", "False")
+    assert tags["dvc.input.data"].endswith(".dir")
+    assert tags["data.data.manifest_sha256"] == manifest_digest(train_split)
+    assert child.data.params["model.image.tower"] == cfg.model.image.tower
+    assert child.data.metrics["retrieval/R_at_1"] == 0.25
+    assert any(key.startswith("system/cpu") for key in child.data.metrics)  # system metrics
+    (dataset,) = child.inputs.dataset_inputs
+    assert dataset.dataset.digest == manifest_digest(train_split)[:32]
+    assert dataset.dataset.name == "synthetic-train"
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert json.loads(dataset.dataset.profile)["num_samples"] == 32
+
+
+def test_a_stage_without_pipeline_id_has_no_parent(at_server, tmp_path):
+    with StageRun(tracking_config(tmp_path / "spool", "lineage"), "export") as run:
+        pass
+    assert run.parent_run_id is None
+    assert "mlflow.parentRunId" not in MlflowClient(at_server.uri).get_run(run.run_id).data.tags
+
+
+def test_unreachable_server_stops_the_stage_before_any_work(train_split, monkeypatch, tmp_path, capsys):
+    from conftest import _free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    out = tmp_path / "train"
+    started = time.monotonic()
+    code = main(["train", "--params", str(ROOT / "params.yaml"), "--data", str(train_split), "--out", str(out),
+                 "--set", f"tracking.spool_dir={tmp_path / 'spool'}"])
+    assert code == EXIT_TRACKING
+    assert time.monotonic() - started < 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreachable" in err[0] and "127.0.0.1" in err[0]
+    assert not out.exists()  # nothing was trained
+
+
+def history(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_outage_during_training_loses_no_metric(at_server, tmp_path):
+    spool = tmp_path / "spool"
+    # A ends while the server is down (its rest waits for `sync`); B lives through the outage and the restart.
+    run_a = StageRun(tracking_config(spool, "outage", flush_timeout_s=1.0), "train").__enter__()
+    run_b = StageRun(tracking_config(spool, "outage", flush_timeout_s=120.0), "train").__enter__()
+    for step in range(1, 6):
+        run_a.log_metrics({"loss": 1.0 / step}, step=step)
+        run_b.log_metrics({"loss": 2.0 / step}, step=step)
+
+    at_server.stop()
+    slowest = 0.0
+    for step in range(6, 16):  # training goes on: logging never waits for the server
+        started = time.monotonic()
+        run_a.log_metrics({"loss": 1.0 / step}, step=step)
+        run_b.log_metrics({"loss": 2.0 / step}, step=step)
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    assert slowest < 0.5
+    run_a.__exit__(None, None, None)
+    assert run_a.undelivered > 0
+    assert (spool / f"{run_a.run_id}.jsonl").is_file()
+
+    at_server.start()
+    for step in range(16, 21):
+        run_b.log_metrics({"loss": 2.0 / step}, step=step)
+    run_b.__exit__(None, None, None)  # delivers everything spooled during the outage
+    assert run_b.undelivered == 0
+
+    assert main(["tracking", "sync", "--params", str(ROOT / "params.yaml"), "--spool-dir", str(spool)]) == 0
+    assert not list(spool.glob("*.jsonl"))
+
+    client = MlflowClient(at_server.uri)
+    assert history(client, run_a.run_id) == [(s, 1.0 / s) for s in range(1, 16)]  # each step exactly once
+    assert history(client, run_b.run_id) == [(s, 2.0 / s) for s in range(1, 21)]
+    assert client.get_run(run_a.run_id).info.status == "FINISHED"
+    assert client.get_run(run_b.run_id).info.status == "FINISHED"
+
+
+def test_sync_resends_only_unacknowledged_operations_and_skips_journals_in_use(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("journal")).info.run_id
+    path = tmp_path / "spool" / f"{run_id}.jsonl"
+    journal = Journal(path, {"run_id": run_id, "tracking_uri": uri})
+    seqs = [journal.append({"op": "metrics", "metrics": [["loss", float(i), 1000 + i, i]]}) for i in range(1, 6)]
+    journal.ack(seqs[0])  # step 1 was delivered before the crash
+    assert sync_spool(tmp_path / "spool") == {}  # in use by a (running) stage: left alone
+    journal.close(remove=False)
+    with open(path, "a") as f:
+        f.write('{"seq": 6, "op": "metr')  # the line the crash cut short never counted as logged
+    assert sync_spool(tmp_path / "spool") == {run_id: 4}
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 3, 4, 5]
+    assert not path.exists()
