@@ -3,7 +3,7 @@
 The loader alone (decode, preprocess, tokenize, collate in DataLoader workers) is timed over the same shards for
 each worker count; the training step alone (forward, backward, optimizer on one fixed in-memory batch) gives the
 consumption rate. A ratio above 1 means the loader keeps the step fed; on a 2-core machine both compete for cores,
-which is why the default uses one worker.
+which is why the default loads in the training process (workers=0).
 
     python benchmarks/loader_throughput.py [--batches 40] [--batch 128]
 """
@@ -82,7 +82,7 @@ def main() -> None:
         "loader_throughput",
         {"loader_samples_per_s_by_workers": loaders, "step_samples_per_s": consumed, "ratio": default / consumed,
          "default_workers": cfg.train.workers, "batch": args.batch},
-        measured=f"loader {default:.0f} samples/s ({cfg.train.workers} worker; "
+        measured=f"loader {default:.0f} samples/s (workers={cfg.train.workers}; "
                  + ", ".join(f"{w}w {r:.0f}" for w, r in loaders.items()) + ")",
         reference=f"training step consumes {consumed:.0f} samples/s", ratio=default / consumed,
         command=f"python benchmarks/loader_throughput.py --batches {args.batches} --batch {args.batch}",

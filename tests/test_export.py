@@ -301,7 +301,7 @@ FRESH_PROCESS = """
 import json, sys, torch
 from lightclip_core.export.load import load_exported
 loaded = load_exported(sys.argv[1])
-inputs = torch.load(sys.argv[2])
+inputs = torch.load(sys.argv[2], weights_only=True)
 torch.save({"image": loaded.encode_image(inputs["image"]), "text": loaded.encode_text(inputs["text"])}, sys.argv[3])
 prefixes = ("lightclip_core.train", "lightclip_core.losses", "lightclip_core.export.exporter", "lightclip_core.cli",
             "lightclip_core.tracking", "lightclip_core.data.shards", "mlflow", "onnx")
@@ -320,7 +320,7 @@ def test_an_export_loads_in_a_fresh_process_without_training_code(mct_exported, 
                           str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
-    outputs = torch.load(tmp_path / "outputs.pt")
+    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
     loaded = load_exported(result.out_dir)
     assert torch.equal(outputs["image"], loaded.encode_image(images))
     assert torch.equal(outputs["text"], loaded.encode_text(texts))
