@@ -161,3 +161,32 @@ def test_sync_resends_only_unacknowledged_operations_and_skips_journals_in_use(t
     assert sync_spool(tmp_path / "spool") == {run_id: 4}
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 3, 4, 5]
     assert not path.exists()
+
+
+@pytest.mark.parametrize("uri,shown", [
+    ("https://bob:s3cret@mlflow.example.com:5000/base", "https://mlflow.example.com:5000/base"),
+    ("http://token@127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+])
+def test_credentials_in_a_tracking_uri_are_never_shown(uri, shown):
+    from lightclip_core.tracking.spool import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_an_unreachable_server_message_carries_no_credentials():
+    from lightclip_core.tracking.mlflow_utils import check_reachable
+    from lightclip_core.tracking.spool import TrackingUnavailable
+
+    with pytest.raises(TrackingUnavailable) as info:
+        check_reachable(f"http://alice:hunter2@127.0.0.1:{_closed_port()}")
+    assert "hunter2" not in str(info.value) and "alice" not in str(info.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

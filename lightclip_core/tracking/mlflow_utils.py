@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightclip_core.config import Config, TrackingConfig
-from lightclip_core.tracking.spool import Outbox, TrackingUnavailable
+from lightclip_core.tracking.spool import Outbox, TrackingUnavailable, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,12 @@ def check_reachable(uri: str, timeout: float = _HEALTH_TIMEOUT_S) -> None:
     try:
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=verify)
     except requests.RequestException as err:
-        raise TrackingUnavailable(f"tracking server {uri} is unreachable ({type(err).__name__}); start it, or point "
+        raise TrackingUnavailable(f"tracking server {redact_uri(uri)} is unreachable ({type(err).__name__}); "
+                                  "start it, or point "
                                   f"MLFLOW_TRACKING_URI at a running one (docs/TRACKING.md)") from None
     if response.status_code >= 500:
-        raise TrackingUnavailable(f"tracking server {uri} is unhealthy (HTTP {response.status_code} on /health)")
+        raise TrackingUnavailable(f"tracking server {redact_uri(uri)} is unhealthy "
+                                  f"(HTTP {response.status_code} on /health)")
 
 
 def _client_defaults() -> None:
@@ -270,16 +272,17 @@ class StageRun:
             raise
         except Exception as err:  # noqa: BLE001 - one line before any work, whatever MLflow raised
             first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
-            raise TrackingUnavailable(f"tracking at {self.uri}: cannot start the {self.stage} run: {first_line}") \
-                from None
+            raise TrackingUnavailable(f"tracking at {redact_uri(self.uri)}: cannot start the {self.stage} run: "
+                                      f"{first_line}") from None
         self._outbox = Outbox(self.root_path(self.cfg.tracking.spool_dir), self.run_id, self.uri)
         if self.cfg.tracking.system_metrics_interval_s > 0:
             from lightclip_core.tracking.system_metrics import SystemMetricsSampler
 
             self._sampler = SystemMetricsSampler(lambda m, step: self.log_metrics(m, step=step),
                                                  self.cfg.tracking.system_metrics_interval_s)
-        where = (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-                 if self.uri.startswith("http") else self.uri)
+        shown = redact_uri(self.uri)
+        where = (f"{shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+                 if shown.startswith("http") else shown)
         log.info("MLflow run %s (%s) at %s%s", self.run_id, self.stage, where,
                  f", pipeline run {self.parent_run_id}" if self.parent_run_id else "")
         return self

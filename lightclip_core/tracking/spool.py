@@ -25,6 +25,18 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
+
+def redact_uri(uri: str) -> str:
+    """The URI without `user:password@`: credentials belong in the environment (MLFLOW_TRACKING_USERNAME/PASSWORD
+    or TOKEN) and are never logged or written to the spool."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 _BACKOFF_START_S, _BACKOFF_MAX_S = 1.0, 30.0
 # Errors a retry cannot fix: the server understood the request and refused it. 401/403 are left out on purpose:
@@ -174,7 +186,8 @@ class Outbox:
         from mlflow import MlflowClient
 
         self.run_id = run_id
-        self.journal = Journal(Path(spool_dir) / f"{run_id}.jsonl", {"run_id": run_id, "tracking_uri": tracking_uri})
+        header = {"run_id": run_id, "tracking_uri": redact_uri(tracking_uri)}
+        self.journal = Journal(Path(spool_dir) / f"{run_id}.jsonl", header)
         self._client = MlflowClient(tracking_uri)
         self._queue: deque[tuple[int, Op]] = deque()
         self._cond = threading.Condition()
@@ -315,8 +328,8 @@ def _drain(client: Any, run_id: str, uri: str, journal: Journal) -> int:
         except Exception as err:  # noqa: BLE001
             if not is_permanent(err):
                 first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
-                raise TrackingUnavailable(f"run {run_id}: tracking server {uri} unreachable ({first_line}); "
-                                          f"{len(pending)} operations kept in {journal.path}") from None
+                raise TrackingUnavailable(f"run {run_id}: tracking server {redact_uri(uri)} unreachable "
+                                          f"({first_line}); {len(pending)} operations kept in {journal.path}") from None
             error = f"{type(err).__name__}: {err}"
             log.error("tracking server refused %s for run %s: %s", group[0][1]["op"], run_id, error)
         for seq, _ in group:
