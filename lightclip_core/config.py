@@ -178,6 +178,69 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
 
 
+# --------------------------------------------------------------------------------------------- objectives
+class ContrastiveObjectiveConfig(_Section):
+    """Instance level: CLIP's loss over the batch, with softened targets for the negatives (LightCLIP 1.1)."""
+
+    enabled: bool = True
+    weight: float = Field(1.0, gt=0)
+    soft_targets: Literal["none", "uniform", "similarity"] = Field(
+        "uniform", description="uniform: eps/(N-1) on every negative; similarity: eps * softmax of a detached "
+                               "similarity over the negatives")
+    eps_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    eps_start: float = Field(0.0, ge=0.0, lt=1.0)
+    eps_end: float = Field(0.2, ge=0.0, lt=1.0)
+    similarity_source: Literal["online", "ema"] = Field(
+        "online", description="online: the model's own detached logits; ema: an EMA copy of the model (ALBEF)")
+    ema_momentum: float = Field(0.995, gt=0.0, lt=1.0)
+    similarity_temperature: float = Field(1.0, gt=0.0, description="divides the (scaled) similarity logits")
+
+
+class TokenObjectiveConfig(_Section):
+    """Token level: words matched to patches by a (relaxed) bipartite assignment (LightCLIP 1.2)."""
+
+    enabled: bool = True
+    weight: float = Field(1.0, gt=0)
+    image_stride: int = Field(16, ge=1, description="the image-tower stage whose map gives the patches (its stride)")
+    matcher: Literal["hungarian", "max"] = Field("hungarian", description="max: each word its best patch (FILIP)")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="drop matched pairs below this cosine")
+    patches_per_word: int = Field(1, ge=1)
+    loss: Literal["cosine", "softmax"] = Field(
+        "softmax", description="cosine: mean(1 - cos); softmax: the matched patch among the image's patches")
+    temperature: float = Field(0.1, gt=0.0, description="softmax loss temperature")
+
+
+class FusionPoint(_Section):
+    text_layer: int = Field(ge=0, description="0-based transformer layer after which the block attends")
+    image_stride: int = Field(ge=1, description="the image-tower stage (its stride) attended to")
+
+
+class MLMObjectiveConfig(_Section):
+    """Masked language modelling on a second text pass fused with image stage maps (LightCLIP 1.3)."""
+
+    enabled: bool = True
+    weight: float = Field(1.0, gt=0)
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    fusion: list[FusionPoint] = Field(
+        default_factory=lambda: [FusionPoint(text_layer=1, image_stride=8), FusionPoint(text_layer=2, image_stride=16),
+                                 FusionPoint(text_layer=3, image_stride=32)],
+        description="cross-attention blocks; empty: MLM without fusion")
+    causal: bool = Field(False, description="attention of the masked pass; false: bidirectional")
+    batch_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the batch the masked pass reads")
+
+
+class ObjectivesConfig(_Section):
+    contrastive: ContrastiveObjectiveConfig = ContrastiveObjectiveConfig()
+    token: TokenObjectiveConfig = TokenObjectiveConfig()
+    mlm: MLMObjectiveConfig = MLMObjectiveConfig()
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> ObjectivesConfig:
+        if not (self.contrastive.enabled or self.token.enabled or self.mlm.enabled):
+            raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm")
+        return self
+
+
 # ------------------------------------------------------------------------------------------------- export
 class ExportConfig(_Section):
     onnx: bool = True
@@ -239,6 +302,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()

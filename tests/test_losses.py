@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from lightclip_core.losses import ContrastiveObjective, contrastive_loss
+from lightclip_core.losses import contrastive_loss
+from lightclip_core.losses.instance import ContrastiveObjective
 
 
 @pytest.mark.parametrize("batch,dim,scale", [(2, 8, 1.0), (16, 32, 14.3), (64, 128, 100.0)])
@@ -36,7 +37,10 @@ def test_perfectly_aligned_pairs_at_high_temperature_give_near_zero_loss():
     assert contrastive_loss(emb, emb, torch.tensor(100.0)) < 1e-6
 
 
-def test_objective_returns_named_loss_terms():
-    emb = F.normalize(torch.randn(4, 8), dim=-1)
-    terms = ContrastiveObjective()({"image_features": emb, "text_features": emb, "logit_scale": torch.tensor(10.0)})
+def test_objective_without_soft_targets_is_clip_and_returns_named_terms():
+    g = torch.Generator().manual_seed(3)
+    img, txt = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(10.0)
+    terms = ContrastiveObjective()({"image_features": img, "text_features": txt, "logit_scale": scale})
     assert set(terms) == {"contrastive_loss"} and terms["contrastive_loss"].ndim == 0
+    assert torch.allclose(terms["contrastive_loss"], ClipLoss()(img, txt, scale), atol=1e-6)

@@ -20,7 +20,8 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/co
 TINY = {
     "data": {"samples_per_shard": 128, "synthetic": {"num_train": 256, "num_val": 32, "num_test": 64,
                                                      "image_size": 32}},
-    "model": {"embed_dim": 32, "image": {"size": 32}, "text": {"width": 64, "heads": 2, "layers": 1}},
+    "model": {"embed_dim": 32, "image": {"size": 32}, "text": {"width": 64, "heads": 2, "layers": 2}},
+    "objectives": {"mlm": {"fusion": [{"text_layer": 0, "image_stride": 16}, {"text_layer": 1, "image_stride": 32}]}},
     "train": {"batch_size": 32, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "workers": 0},
     "evaluate": {"batch_size": 64},
 }

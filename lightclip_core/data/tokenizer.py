@@ -64,3 +64,11 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     eot = get_tokenizer(77).eot_token_id
     used = int((tokens == eot).int().argmax(dim=1).max()) + 1
     return tokens[:, :used]
+
+
+def word_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` True at the caption's own tokens: after start-of-text, before end-of-text (never padding)."""
+    eot = get_tokenizer(77).eot_token_id
+    end = (tokens == eot).int().argmax(dim=1, keepdim=True)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    return (positions > 0) & (positions < end)

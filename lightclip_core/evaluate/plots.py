@@ -38,7 +38,7 @@ def read_train_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def plot_training_curves(train_log: str | os.PathLike, path: Path) -> Path:
-    """Loss (and the contrastive part, when logged) and learning rate against step."""
+    """Total loss, each objective's loss term, and learning rate against step."""
     log = read_train_log(train_log)
     missing = {"step", "loss", "lr"} - set(log)
     if missing:
@@ -46,8 +46,8 @@ def plot_training_curves(train_log: str | os.PathLike, path: Path) -> Path:
     fig = Figure(figsize=(10, 4))
     loss_ax, lr_ax = fig.subplots(1, 2)
     loss_ax.plot(log["step"], log["loss"], label="loss")
-    if "contrastive_loss" in log:
-        loss_ax.plot(log["step"], log["contrastive_loss"], label="contrastive loss", alpha=0.7)
+    for term in sorted(k for k in log if k.endswith("_loss")):  # every objective's own loss, unweighted
+        loss_ax.plot(log["step"], log[term], label=term.replace("_", " "), alpha=0.7)
     loss_ax.set(xlabel="step", ylabel="loss", title="Training loss")
     loss_ax.legend()
     lr_ax.plot(log["step"], log["lr"], color="tab:green")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -19,13 +18,3 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale)
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
-
-
-class ContrastiveObjective(nn.Module):
-    """The instance-level objective: named loss terms from the model outputs (the objective API of losses/)."""
-
-    name = "contrastive"
-
-    def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        loss = contrastive_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
-        return {"contrastive_loss": loss}

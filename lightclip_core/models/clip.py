@@ -36,12 +36,22 @@ class CLIP(nn.Module):
         emb = self.text(tokens)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(tokens),
-            "logit_scale": self.scale(),
-        }
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, image_strides: tuple[int, ...] = (),
+                text_hidden: bool = False) -> dict[str, Any]:
+        """Embeddings and scale; with `image_strides` also `image_maps` {stride: [B, C, H, W]}, with `text_hidden`
+        also `text_hidden` [B, L, width] (the final hidden states), for the training-only objectives."""
+        out: dict[str, Any] = {}
+        if image_strides:
+            image, out["image_maps"] = self.visual.forward_maps(images, image_strides)
+        else:
+            image = self.visual(images)
+        if text_hidden:
+            text, out["text_hidden"] = self.text.forward_tokens(tokens)
+        else:
+            text = self.text(tokens)
+        out.update(image_features=F.normalize(image, dim=-1), text_features=F.normalize(text, dim=-1),
+                   logit_scale=self.scale())
+        return out
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: biases, norms, embeddings and the temperature."""

@@ -2,7 +2,10 @@
 the same transformer between two RepMixer blocks (1 x k depthwise convolutional token mixing)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
@@ -58,16 +61,16 @@ class TextTower(nn.Module):
             return tokens.argmax(dim=-1)  # CLIP's BPE gives the end-of-text token the largest id
         return (tokens == self.eot_token_id).int().argmax(dim=-1)
 
-    def padding_mask(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor | None:
+    def padding_mask(self, tokens: torch.Tensor, eot: torch.Tensor, causal: bool) -> torch.Tensor | None:
         """`[B, L]` True up to and including end-of-text; None where causal attention alone hides the padding.
         Positions, not token ids, mark padding: id 0 (the padding value) is also the BPE token "!"."""
-        if self.causal and self.mixer_in is None:
+        if causal and self.mixer_in is None:
             return None
         return torch.arange(tokens.shape[1], device=tokens.device) <= eot[:, None]
 
-    def attention_mask(self, real: torch.Tensor | None, n: int) -> torch.Tensor:
+    def attention_mask(self, real: torch.Tensor | None, n: int, causal: bool) -> torch.Tensor:
         """Causal `[L, L]`, or an additive key-padding mask `[B * heads, L, L]` for bidirectional attention."""
-        if self.causal:
+        if causal:
             return self.attn_mask[:n, :n]
         blocked = torch.zeros(real.shape, dtype=self.positional_embedding.dtype, device=real.device)
         blocked = blocked.masked_fill(~real, float("-inf"))
@@ -79,14 +82,31 @@ class TextTower(nn.Module):
         grid = x.transpose(1, 2).unsqueeze(2)
         return block(grid, real[:, None, None, :].to(x.dtype)).squeeze(2).transpose(1, 2)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tokens(self, tokens: torch.Tensor, *, replace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                       causal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled embedding, final hidden states `[B, L, width]`). The keywords serve training-only passes (MLM):
+        `replace=(where [B, L] bool, row [width])` puts `row` in place of those tokens' embeddings (a mask token
+        outside the vocabulary), `after_layer(i, x)` runs after transformer layer i (fusion), `causal` overrides
+        the tower's attention."""
+        causal = self.causal if causal is None else causal
         n = tokens.shape[1]
         eot = self.eot_positions(tokens)
-        real = self.padding_mask(tokens, eot)
-        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        real = self.padding_mask(tokens, eot, causal)
+        if replace is None:
+            x = self.token_embedding(tokens)
+        else:  # a second pass over the same table: a sparse gradient spares a second dense [vocab, width] buffer
+            x = F.embedding(tokens, self.token_embedding.weight, sparse=True)
+            where, row = replace
+            x = torch.where(where[..., None], row.to(x.dtype), x)
+        x = x + self.positional_embedding[:n]
         if self.mixer_in is not None:
             x = self._mix(self.mixer_in, x, real)
-        x = self.transformer(x, attn_mask=self.attention_mask(real, n))
+        mask = self.attention_mask(real, n, causal)
+        for i, block in enumerate(self.transformer.resblocks):
+            x = block(x, attn_mask=mask)
+            if after_layer is not None:
+                x = after_layer(i, x)
         if self.mixer_out is not None:
             x = self._mix(self.mixer_out, x, real)
         x = self.ln_final(x)

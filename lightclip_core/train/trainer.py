@@ -1,6 +1,7 @@
 """The training stage: setup, loop, log, checkpoint.
 
-Objectives are modules returning named loss terms (losses/); the trainer sums every `*_loss` term and logs each.
+Objectives are modules returning named terms (losses/base.py); the trainer sums every `*_loss` term times its
+objective's weight and logs every term. Objective parameters train with the model but stay out of `final.pt`.
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ from lightclip_core.config import Config
 from lightclip_core.data.shards import ShardStream, decode_image, read_manifest, shard_paths
 from lightclip_core.data.tokenizer import tokenize, trim_padding
 from lightclip_core.data.transforms import image_transform
-from lightclip_core.losses import ContrastiveObjective
+from lightclip_core.losses import StepContext
+from lightclip_core.losses.build import build_objectives, forward_needs
 from lightclip_core.models import build_model, model_summary
 from lightclip_core.train.checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("step", "epoch", "loss", "contrastive_loss", "lr", "logit_scale", "samples_per_s")
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "logit_scale", "samples_per_s")  # then every objective term
 
 
 class MetricSink(Protocol):
@@ -74,12 +76,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
+def build_optimizer(model: nn.Module, cfg: Config, objectives: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, embeddings or the temperature), over the
+    model and the objectives' own parameters."""
     t = cfg.train
     skip = model.no_weight_decay()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if objectives is not None:
+        named += [(f"objectives.{n}", p) for n, p in objectives.named_parameters() if p.requires_grad]
+        skip = skip | {f"objectives.{n}" for n, p in objectives.named_parameters() if p.ndim < 2}
+    decay = [p for n, p in named if n not in skip]
+    no_decay = [p for n, p in named if n in skip]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
@@ -120,6 +127,20 @@ def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_step
         epoch += 1
 
 
+def compute_loss(model: nn.Module, objectives: nn.ModuleList, images: torch.Tensor, tokens: torch.Tensor,
+                 step: int, total_steps: int) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
+    """One forward pass and every objective: (weighted total loss, every term as a float, model outputs)."""
+    outputs = model(images, tokens, **forward_needs(objectives))
+    ctx = StepContext(step=step, total_steps=total_steps, images=images, tokens=tokens, model=model)
+    total = images.new_zeros(())
+    terms: dict[str, float] = {}
+    for objective in objectives:
+        named = objective(outputs, ctx)
+        total = total + objective.weight * sum(v for k, v in named.items() if k.endswith("_loss"))
+        terms.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in named.items()})
+    return total, terms, outputs
+
+
 def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
           sink: MetricSink | None = None) -> TrainResult:
     """Train a CLIP model on the shards in `train_dir`; write checkpoints, the final weights and a step log."""
@@ -137,47 +158,51 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     model = build_model(cfg.model).to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.visual.to(memory_format=memory_format)
-    objectives = nn.ModuleList([ContrastiveObjective()]).to(device)
-    optimizer = build_optimizer(model, cfg)
+    objectives = build_objectives(cfg, model).to(device)
+    optimizer = build_optimizer(model, cfg, objectives)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps)
     loader, stream = make_loader(cfg, train_dir)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else contextlib.nullcontext())
-    log.info("training %s for %d steps (%d per epoch), batch %d, on %s", model_summary(model), total_steps,
-             steps_per_epoch, t.batch_size, device)
+    log.info("training %s for %d steps (%d per epoch), batch %d, on %s, objectives %s", model_summary(model),
+             total_steps, steps_per_epoch, t.batch_size, device, [o.name for o in objectives])
 
     log_path = out_dir / "train_log.csv"
     rows: list[dict[str, float]] = []
     model.train()
+    objectives.train()
     started = time.perf_counter()
     tick = started
     step = 0
     with open(log_path, "w", newline="") as log_file, tqdm(total=total_steps, desc="train", unit="step") as bar:
-        writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
+        writer: csv.DictWriter | None = None
         for epoch, (images, tokens) in batches(loader, stream, total_steps):
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             tokens = trim_padding(tokens).to(device, non_blocking=True)
             with autocast:
-                outputs = model(images, tokens)
-                terms = {k: v for obj in objectives for k, v in obj(outputs).items()}
-            loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                loss, terms, outputs = compute_loss(model, objectives, images, tokens, step, total_steps)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}; last good checkpoint kept in {ckpt_dir}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                nn.utils.clip_grad_norm_(parameters, t.grad_clip)
             optimizer.step()
             scheduler.step()
+            for objective in objectives:
+                objective.after_step(model)
             step += 1
 
             now = time.perf_counter()
             row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                    "logit_scale": outputs["logit_scale"].item(), "samples_per_s": t.batch_size / (now - tick),
-                   **{k: v.item() for k, v in terms.items()}}
+                   **terms}
             tick = now
             rows.append(row)
+            if writer is None:  # the objectives' terms are known once the first step has run
+                writer = csv.DictWriter(log_file, fieldnames=[*LOG_COLUMNS, *terms], extrasaction="ignore")
+                writer.writeheader()
             writer.writerow(row)
             log_file.flush()  # the log is readable while training runs
             if sink is not None and step % t.log_every == 0:
@@ -186,7 +211,8 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
             bar.update()
             if step % t.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(ckpt_dir / checkpoint_name(step), {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model": model.state_dict(), "objectives": objectives.state_dict(),
+                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                     "model_config": cfg.model.model_dump(mode="json"),
                 })

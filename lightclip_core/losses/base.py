@@ -1,0 +1,41 @@
+"""The objective API: every training objective is a module that returns named terms.
+
+A term whose name ends in `_loss` is a loss; the trainer multiplies it by the objective's `weight` (params.yaml),
+sums, and logs every term, losses unweighted. Other terms are diagnostics (floats or 0-d tensors), logged as they
+are. An objective declares what it needs from the model's forward pass (`image_strides`, `needs_text_hidden`); its
+own parameters (projections, fusion blocks, heads) live in the objective, never in the model, so that nothing of
+them reaches an export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """What an objective may read besides the model outputs: the batch, the model and where training stands."""
+
+    step: int  # 0-based global step being computed
+    total_steps: int
+    images: torch.Tensor
+    tokens: torch.Tensor
+    model: nn.Module
+
+
+class Objective(nn.Module):
+    name: str = "objective"
+    image_strides: tuple[int, ...] = ()
+    needs_text_hidden: bool = False
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (e.g. to update an EMA copy)."""

@@ -1,0 +1,67 @@
+"""The instance-level objective: CLIP's loss, with LightCLIP's progressively softened targets as an option."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.contrastive import contrastive_loss
+from lightclip_core.losses.soft_targets import eps_at, soft_clip_loss
+
+
+def _ema_update(momentum: float):
+    """`ema = m * ema + (1 - m) * model` as multiply-add, for AveragedModel. torch's own EMA uses lerp, which turns a
+    constant -inf entry (the text tower's causal-mask buffer) into NaN; integer buffers follow the model."""
+
+    def update(ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor], _: torch.Tensor) -> None:
+        for ema, current in zip(ema_tensors, model_tensors):
+            if ema.is_floating_point():
+                ema.mul_(momentum).add_(current, alpha=1.0 - momentum)
+            else:
+                ema.copy_(current)
+
+    return update
+
+
+class ContrastiveObjective(Objective):
+    """The instance level: CLIP's loss, or LightCLIP's progressively softened targets (`soft_targets` uniform or
+    similarity, eps from a schedule over the global step, logged as `soft_eps`). The similarity source is the
+    model's own detached logits, or an EMA copy of the model (ALBEF's momentum distillation)."""
+
+    name = "contrastive"
+
+    def __init__(self, soft_targets: str = "none", eps_schedule: str = "constant", eps_start: float = 0.0,
+                 eps_end: float = 0.0, temperature: float = 1.0, ema_of: nn.Module | None = None,
+                 ema_momentum: float = 0.995, weight: float = 1.0):
+        super().__init__(weight)
+        self.soft_targets, self.eps_schedule = soft_targets, eps_schedule
+        self.eps_start, self.eps_end, self.temperature = eps_start, eps_end, temperature
+        self.ema = None
+        if ema_of is not None:
+            self.ema = AveragedModel(ema_of, multi_avg_fn=_ema_update(ema_momentum), use_buffers=True)
+            self.ema.n_averaged.fill_(1)  # the copy made here is the EMA's start: average from the first update on
+            self.ema.requires_grad_(False)
+
+    def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor | float]:
+        image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+        if self.soft_targets == "none":
+            return {"contrastive_loss": contrastive_loss(image, text, scale)}
+        if ctx is None:
+            raise ValueError("softened targets follow the global step: pass a StepContext")
+        eps = eps_at(ctx.step, ctx.total_steps, self.eps_schedule, self.eps_start, self.eps_end)
+        loss = soft_clip_loss(image, text, scale, eps, kind=self.soft_targets, similarity=self._ema_similarity(ctx),
+                              temperature=self.temperature)
+        return {"contrastive_loss": loss, "soft_eps": eps}
+
+    def _ema_similarity(self, ctx: StepContext) -> torch.Tensor | None:
+        if self.ema is None:
+            return None  # soft_clip_loss takes the model's own detached logits
+        self.ema.eval()
+        with torch.no_grad():
+            out = self.ema.module(ctx.images, ctx.tokens)
+        return out["logit_scale"] * out["image_features"] @ out["text_features"].T
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(model)
