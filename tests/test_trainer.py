@@ -83,16 +83,17 @@ def test_loss_decreases_when_training_longer(tiny, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_number(tiny, tmp_path, monkeypatch):
     cfg, train_dir = tiny
-    from lightclip_core.losses import contrastive as module
+    from lightclip_core.train import trainer as module
 
-    real = module.contrastive_loss
+    real = module.compute_loss
     calls = {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
-        return real(*args) * (float("nan") if calls["n"] == 5 else 1.0)
+        loss, terms, outputs = real(*args)
+        return loss * (float("nan") if calls["n"] == 5 else 1.0), terms, outputs
 
-    monkeypatch.setattr(module, "contrastive_loss", poisoned)
+    monkeypatch.setattr(module, "compute_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="at step 5"):
         train(cfg, train_dir, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003.pt"]
