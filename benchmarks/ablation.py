@@ -31,7 +31,7 @@ from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.prepare import prepare  # noqa: E402
 from lightclip_core.evaluate.stage import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
-from lightclip_core.train.trainer import train  # noqa: E402
+from lightclip_core.train.trainer import plan_steps, train  # noqa: E402
 
 _ONLY_CLIP = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
               "objectives.mlm.enabled=false"]
@@ -167,7 +167,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.steps is None:
         cfg = run_config("clip", [])
-        args.steps = int(cfg.train.epochs * cfg.data.synthetic.num_train // cfg.train.batch_size)
+        args.steps = plan_steps(cfg, cfg.data.synthetic.num_train)[1]
     if args.one:
         name, seed = args.one[0], int(args.one[1])
         with tempfile.TemporaryDirectory() as tmp:
