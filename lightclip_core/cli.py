@@ -57,6 +57,40 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> dict:
     return {"checkpoint": str(result.final_checkpoint), **result.metrics}
 
 
+def cmd_teacher(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.reinforce.coca_teacher import train_coca_teacher
+    from lightclip_core.tracking.mlflow_utils import StageRun
+
+    train_dir = _existing(args.data, "training split", "--data")
+    out = Path(args.out)
+    with StageRun(cfg, "teacher", inputs={"data": train_dir}) as run:
+        result = train_coca_teacher(cfg.teacher.train, train_dir, out, cfg.model.image.mean, cfg.model.image.std,
+                                    sink=run)
+        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
+        run.log_artifact(result.log_path)
+    _write_metrics(out / "metrics.json", result.metrics)
+    return {"model": str(result.model_dir), **result.metrics}
+
+
+def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.data.shards import read_manifest
+    from lightclip_core.reinforce.stage import parse_shard_range, reinforce
+    from lightclip_core.tracking.mlflow_utils import StageRun
+
+    data_dir = _existing(args.data, "split to reinforce", "--data")
+    teacher_dir = _existing(args.teacher, "teacher directory", "--teacher") if args.teacher else None
+    try:
+        shards = parse_shard_range(args.shards, len(read_manifest(data_dir)["shards"]))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    inputs = {"data": data_dir, **({"teacher": teacher_dir} if teacher_dir else {})}
+    with StageRun(cfg, "reinforce", inputs=inputs) as run:
+        result = reinforce(cfg, data_dir, args.out, teacher_dir, shards, sink=run)
+        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
+    _write_metrics(Path(args.out).parent / f"{Path(args.out).name}-metrics.json", result.metrics)
+    return {"out": str(result.out_dir), "complete": result.complete, "skipped": result.skipped, **result.metrics}
+
+
 def cmd_export(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.export.exporter import export
     from lightclip_core.tracking.mlflow_utils import StageRun
@@ -126,7 +160,9 @@ def _write_metrics(path: Path, metrics: dict) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], dict], str]] = {
     "prepare": (cmd_prepare, "generate the synthetic dataset or ingest real data into shards"),
-    "train": (cmd_train, "train a CLIP model on prepared shards"),
+    "teacher": (cmd_teacher, "train the embedded default's own CoCa teacher and captioner"),
+    "reinforce": (cmd_reinforce, "reinforce a split: augmentations, synthetic captions, teacher embeddings"),
+    "train": (cmd_train, "train a CLIP model on prepared (or reinforced) shards"),
     "export": (cmd_export, "fold and export a trained checkpoint (safetensors, torch.export, ONNX), parity-checked"),
     "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
     "register": (cmd_register, "register the evaluated model in MLflow; move `champion` if it passes the gate"),
@@ -144,7 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true")
     parsers = {name: sub.add_parser(name, parents=[common], help=help_) for name, (_, help_) in COMMANDS.items()}
     parsers["prepare"].add_argument("--out", default="artifacts/data")
-    parsers["train"].add_argument("--data", default="artifacts/data/train")
+    parsers["teacher"].add_argument("--data", default="artifacts/data/train")
+    parsers["teacher"].add_argument("--out", default="artifacts/teacher")
+    parsers["reinforce"].add_argument("--data", default="artifacts/data/train")
+    parsers["reinforce"].add_argument("--teacher", default="artifacts/teacher",
+                                      help="the trained teacher, used where teacher.ensemble/captioner are empty")
+    parsers["reinforce"].add_argument("--out", default="artifacts/reinforced/train")
+    parsers["reinforce"].add_argument("--shards", default=None, metavar="START:END",
+                                      help="reinforce only these shards of the split (a worker of a fan-out)")
+    parsers["train"].add_argument("--data", default="artifacts/reinforced/train")
     parsers["train"].add_argument("--out", default="artifacts/train")
     parsers["export"].add_argument("--checkpoint", default="artifacts/train/final.pt")
     parsers["export"].add_argument("--out", default="artifacts/export")
@@ -154,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["evaluate"].add_argument("--out", default="artifacts/eval")
     parsers["register"].add_argument("--model", default="artifacts/export")
     parsers["register"].add_argument("--eval", default="artifacts/eval")
-    parsers["register"].add_argument("--train-data", default="artifacts/data/train")
+    parsers["register"].add_argument("--train-data", default="artifacts/reinforced/train")
     parsers["register"].add_argument("--test-data", default="artifacts/data/test")
     parsers["register"].add_argument("--train-log", default="artifacts/train/train_log.csv")
     parsers["register"].add_argument("--out", default="artifacts/register")
@@ -170,15 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command, _ = COMMANDS[args.command]
     from lightclip_core.data.ingest import DataError
+    from lightclip_core.data.reinforced import ReinforcementError
+    from lightclip_core.reinforce.teachers import TeacherLoadError
     from lightclip_core.tracking.spool import TrackingUnavailable
 
     try:
         cfg = load_config(args.params, args.overrides)
         summary = command(cfg, args)
-    except ConfigError as err:  # bad parameters or paths: one line, no traceback, nothing done
+    except (ConfigError, TeacherLoadError) as err:  # bad parameters, paths or teachers: one line, nothing done
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except DataError as err:  # the input data is too broken to publish: one line, nothing published
+    except (DataError, ReinforcementError) as err:  # the input data is broken: one line, nothing published
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return 1
     except TrackingUnavailable as err:  # raised before the stage's work (or by sync): nothing half-done

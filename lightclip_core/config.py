@@ -229,16 +229,108 @@ class MLMObjectiveConfig(_Section):
     batch_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the batch the masked pass reads")
 
 
+class DistillObjectiveConfig(_Section):
+    """MobileCLIP's distillation from the teacher embeddings a reinforced dataset stores (METHOD.md 2.2)."""
+
+    enabled: bool = Field(True, description="needs a reinforced training split (`lightclip reinforce`)")
+    weight: float = Field(1.0, gt=0)
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="L = (1 - lam) * CLIP + lam * KD per caption batch")
+    caption_batches: Literal["both", "real", "synthetic"] = Field(
+        "both", description="both: L(real captions) + L(synthetic captions) over the same image features")
+
+
 class ObjectivesConfig(_Section):
     contrastive: ContrastiveObjectiveConfig = ContrastiveObjectiveConfig()
     token: TokenObjectiveConfig = TokenObjectiveConfig()
     mlm: MLMObjectiveConfig = MLMObjectiveConfig()
+    distill: DistillObjectiveConfig = DistillObjectiveConfig()
 
     @model_validator(mode="after")
     def _something_to_train(self) -> ObjectivesConfig:
-        if not (self.contrastive.enabled or self.token.enabled or self.mlm.enabled):
-            raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm")
+        if not (self.contrastive.enabled or self.token.enabled or self.mlm.enabled or self.distill.enabled):
+            raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm, distill")
         return self
+
+
+# ---------------------------------------------------------------------------------------- teacher, reinforce
+class TeacherSpec(_Section):
+    """One open_clip model, loaded through open_clip's own factory."""
+
+    model: str = Field(min_length=1, description="open_clip model name (ViT-L-14, coca_ViT-B-32), or "
+                                                 "local-dir:PATH (open_clip_config.json + weights)")
+    pretrained: str | None = Field(None, description="pretrained tag, or checkpoint path or s3:// URI")
+    logit_scale: float | None = Field(None, gt=0, description="fixed distillation scale s_k; null: the model's own")
+
+
+class CocaTeacherConfig(_Section):
+    """The embedded default's own teacher and captioner: open_clip's CoCa with a small config, trained on the
+    training split with contrastive plus captioning loss by the `teacher` stage (no weights can be downloaded)."""
+
+    embed_dim: int = Field(256, ge=8)
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(8, ge=2)
+    vision_width: int = Field(256, ge=16)
+    vision_layers: int = Field(6, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_width: int = Field(256, ge=16)
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(4, ge=1)
+    decoder_layers: int = Field(2, ge=1, description="multimodal (captioning) decoder layers")
+    context_length: int = Field(32, ge=8, le=77)
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    clip_loss_weight: float = Field(1.0, ge=0)
+    caption_loss_weight: float = Field(1.0, ge=0)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _geometry(self) -> CocaTeacherConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
+        if self.text_width != self.embed_dim:  # CoCa's decoder reads text tokens and pooled image tokens at one width
+            raise ValueError(f"text_width={self.text_width} must equal embed_dim={self.embed_dim} (CoCa's decoder "
+                             f"reads text tokens and pooled image tokens at one width)")
+        for side in ("vision", "text"):
+            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
+            if width % heads:
+                raise ValueError(f"{side}_heads={heads} does not divide {side}_width={width}")
+        return self
+
+
+class TeacherConfig(_Section):
+    train: CocaTeacherConfig = CocaTeacherConfig()
+    ensemble: list[TeacherSpec] = Field(
+        default_factory=list, description="the teachers whose embeddings are stored; empty: the trained teacher")
+    captioner: TeacherSpec | None = Field(None, description="an open_clip CoCa model; null: the trained teacher")
+
+
+class ReinforceConfig(_Section):
+    """Dataset reinforcement (METHOD.md 2.1): augmentations, synthetic captions and teacher embeddings, once."""
+
+    num_augmentations: int = Field(5, ge=1, le=100)
+    num_captions: int = Field(2, ge=1, le=20, description="synthetic captions per image")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    max_caption_tokens: int = Field(20, ge=2, le=76, description="generated tokens before the cut at the first period")
+    image_size: int | None = Field(None, ge=16, description="size the augmentations are sampled at; null: the first "
+                                                            "teacher's input size")
+    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="RandomResizedCrop area fraction range")
+    crop_ratio: tuple[float, float] = Field((0.75, 1.3333), description="RandomResizedCrop aspect ratio range")
+    rand_augment_ops: int = Field(2, ge=0, le=4)
+    rand_augment_magnitude: int = Field(9, ge=0, le=30)
+    batch_size: int = Field(256, ge=1, description="teacher batch (inference mode)")
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    seed: int = Field(0, ge=0)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered_range(cls, r: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < r[0] <= r[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(r)}")
+        return r
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -303,6 +395,8 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     objectives: ObjectivesConfig = ObjectivesConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    reinforce: ReinforceConfig = ReinforceConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()

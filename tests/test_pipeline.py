@@ -24,6 +24,10 @@ TINY = {
     "objectives": {"mlm": {"fusion": [{"text_layer": 0, "image_stride": 16}, {"text_layer": 1, "image_stride": 32}]}},
     "train": {"batch_size": 32, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "workers": 0},
     "evaluate": {"batch_size": 64},
+    "teacher": {"train": {"embed_dim": 64, "image_size": 32, "patch_size": 8, "vision_width": 64, "vision_layers": 1,
+                          "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2,
+                          "decoder_layers": 1, "context_length": 16, "steps": 4, "batch_size": 32}},
+    "reinforce": {"num_augmentations": 2, "num_captions": 1, "max_caption_tokens": 6, "batch_size": 64},
 }
 
 pytestmark = pytest.mark.slow
@@ -82,7 +86,11 @@ def test_repro_produces_every_stage_output(project):
     decision = json.loads((repo / "artifacts/register/decision.json").read_text())
     assert decision["decision"] == "promoted" and decision["version"] == "1"  # the first model: no champion yet
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "export", "evaluate", "register"}
+    assert set(lock["stages"]) == {"prepare", "teacher", "reinforce", "train", "export", "evaluate", "register"}
+    reinforced = json.loads((repo / "artifacts/reinforced/train/manifest.json").read_text())
+    assert reinforced["num_samples"] == 256 and reinforced["reinforcement"]["complete"]
+    header = (repo / "artifacts/train/train_log.csv").read_text().splitlines()[0].split(",")
+    assert "distill_loss" in header  # the default trains with the distillation loss
 
 
 def test_second_repro_is_a_no_op(project):
@@ -103,7 +111,8 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
     first_repro = [r for r in runs if r.data.tags.get("lightclip.role") == "pipeline"][0]
     by_stage = {r.data.tags["stage"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == first_repro.info.run_id}
-    assert set(by_stage) == {"prepare", "train", "export", "evaluate", "register"}  # one parent, a child per stage
+    # one parent, a child per stage
+    assert set(by_stage) == {"prepare", "teacher", "reinforce", "train", "export", "evaluate", "register"}
     assert first_repro.data.tags["lightclip.orchestrator"] == "dvc"
     train = by_stage["train"]
     assert len(train.data.tags["git.commit"]) == 40
@@ -113,6 +122,7 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
     assert [m.step for m in history] == list(range(1, 7))
     assert "zeroshot/colour_shape/top1" in by_stage["evaluate"].data.metrics
     assert by_stage["train"].inputs.dataset_inputs[0].dataset.name == "synthetic-train"
+    assert "summary/samples_per_s" in by_stage["reinforce"].data.metrics
     champion = client.get_model_version_by_alias("lightclip", "champion")
     assert champion.run_id == by_stage["register"].info.run_id
 

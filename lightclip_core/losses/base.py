@@ -8,7 +8,7 @@ them reaches an export.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ class StepContext:
     images: torch.Tensor
     tokens: torch.Tensor
     model: nn.Module
+    # what the data carries besides images and captions, e.g. a reinforced dataset's teacher embeddings and
+    # synthetic captions (keys: train/data.py EXTRA_KEYS); empty for plain shards
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(nn.Module):

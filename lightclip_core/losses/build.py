@@ -1,10 +1,13 @@
 """The objectives that `params.yaml`'s `objectives` section asks for, built against the model they train."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.tokenizer import vocab_size
+from lightclip_core.losses.distill import DistillationObjective
 from lightclip_core.losses.instance import ContrastiveObjective
 from lightclip_core.losses.mlm import MaskedLanguageObjective
 from lightclip_core.losses.token import TokenAlignmentObjective
@@ -17,9 +20,10 @@ def _stage_channels(model: nn.Module, stride: int, field: str) -> int:
         raise ConfigError(f"{field}={stride}: {err}") from None
 
 
-def build_objectives(cfg: Config, model: nn.Module) -> nn.ModuleList:
-    """One module per enabled objective, in the order contrastive, token, mlm. A stride the image tower does not
-    have, or a fusion layer past the text tower's depth, raises ConfigError naming the field."""
+def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any] | None = None) -> nn.ModuleList:
+    """One module per enabled objective, in the order contrastive, token, mlm, distill. A stride the image tower
+    does not have, or a fusion layer past the text tower's depth, raises ConfigError naming the field. Distillation
+    takes the teachers' embedding widths and scales from the reinforced split's manifest (`reinforcement`)."""
     o, text = cfg.objectives, cfg.model.text
     objectives: list[nn.Module] = []
     if o.contrastive.enabled:
@@ -45,6 +49,13 @@ def build_objectives(cfg: Config, model: nn.Module) -> nn.ModuleList:
             fusion.append((point.text_layer, point.image_stride, channels))
         objectives.append(MaskedLanguageObjective(text.width, text.heads, vocab_size(), fusion, m.mask_prob,
                                                   m.causal, m.batch_fraction, weight=m.weight))
+    if o.distill.enabled:
+        d = o.distill
+        if reinforcement is None:
+            raise ConfigError("objectives.distill.enabled=true: the training split is not reinforced; run "
+                              "`lightclip reinforce` or set objectives.distill.enabled=false")
+        objectives.append(DistillationObjective(reinforcement["dims"], reinforcement["scales"], d.lam,
+                                                d.caption_batches, weight=d.weight))
     return nn.ModuleList(objectives)
 
 

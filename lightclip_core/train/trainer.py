@@ -22,12 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from lightclip_core.config import Config
-from lightclip_core.data.shards import ShardStream, decode_image, read_manifest, shard_paths
-from lightclip_core.data.tokenizer import tokenize, trim_padding
-from lightclip_core.data.transforms import image_transform
+from lightclip_core.data.shards import read_manifest
+from lightclip_core.data.tokenizer import trim_padding
 from lightclip_core.losses import StepContext
 from lightclip_core.losses.build import build_objectives, forward_needs
 from lightclip_core.models import build_model, model_summary
+from lightclip_core.train.data import EXTRA_KEYS, batches, make_loader, reinforcement_of
 from lightclip_core.train.checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
 from lightclip_core.train.schedule import build_scheduler
 
@@ -51,19 +51,6 @@ class TrainResult:
     steps: int
     samples_seen: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class PairDecoder:
-    """Raw WebDataset sample -> (image tensor, token ids); runs in DataLoader workers."""
-
-    def __init__(self, cfg: Config):
-        img = cfg.model.image
-        self.transform = image_transform(img.size, img.mean, img.std, img.interpolation)
-        self.context_length = cfg.model.text.context_length
-
-    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        caption = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
-        return self.transform(decode_image(raw)), tokenize(caption, self.context_length)[0]
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -100,38 +87,14 @@ def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
-def make_loader(cfg: Config, train_dir: Path) -> tuple[torch.utils.data.DataLoader, ShardStream]:
-    t = cfg.train
-    stream = ShardStream(shard_paths(train_dir), PairDecoder(cfg), seed=t.seed, shuffle_buffer=t.shuffle_buffer)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=t.batch_size, num_workers=t.workers, drop_last=True,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-    )
-    return loader, stream
-
-
-def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_steps: int):
-    """Yield (epoch, batch) until `total_steps` batches, reshuffling shards every epoch."""
-    step, epoch = 0, 0
-    while step < total_steps:
-        stream.set_epoch(epoch)
-        produced = 0
-        for batch in loader:
-            yield epoch, batch
-            produced += 1
-            step += 1
-            if step >= total_steps:
-                return
-        if produced == 0:
-            raise RuntimeError("the training data yielded no full batch: more shards or a smaller batch are needed")
-        epoch += 1
-
-
 def compute_loss(model: nn.Module, objectives: nn.ModuleList, images: torch.Tensor, tokens: torch.Tensor,
-                 step: int, total_steps: int) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
-    """One forward pass and every objective: (weighted total loss, every term as a float, model outputs)."""
+                 step: int, total_steps: int, extras: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
+    """One forward pass and every objective: (weighted total loss, every term as a float, model outputs).
+    `extras` are the batch's other fields (a reinforced split's teacher embeddings and synthetic captions)."""
     outputs = model(images, tokens, **forward_needs(objectives))
-    ctx = StepContext(step=step, total_steps=total_steps, images=images, tokens=tokens, model=model)
+    ctx = StepContext(step=step, total_steps=total_steps, images=images, tokens=tokens, model=model,
+                      extras=extras or {})
     total = images.new_zeros(())
     terms: dict[str, float] = {}
     for objective in objectives:
@@ -158,7 +121,7 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     model = build_model(cfg.model).to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.visual.to(memory_format=memory_format)
-    objectives = build_objectives(cfg, model).to(device)
+    objectives = build_objectives(cfg, model, reinforcement_of(train_dir)).to(device)
     optimizer = build_optimizer(model, cfg, objectives)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps)
@@ -177,11 +140,12 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     step = 0
     with open(log_path, "w", newline="") as log_file, tqdm(total=total_steps, desc="train", unit="step") as bar:
         writer: csv.DictWriter | None = None
-        for epoch, (images, tokens) in batches(loader, stream, total_steps):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            tokens = trim_padding(tokens).to(device, non_blocking=True)
+        for epoch, batch in batches(loader, stream, total_steps):
+            images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            tokens = trim_padding(batch["tokens"]).to(device, non_blocking=True)
+            extras = {k: batch[k].to(device, non_blocking=True) for k in EXTRA_KEYS if k in batch}
             with autocast:
-                loss, terms, outputs = compute_loss(model, objectives, images, tokens, step, total_steps)
+                loss, terms, outputs = compute_loss(model, objectives, images, tokens, step, total_steps, extras)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}; last good checkpoint kept in {ckpt_dir}")
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,125 @@
+"""MobileCLIP's multi-modal reinforced training loss (Vasu et al., arXiv 2311.17049), as an objective.
+
+For a batch B of b samples (student features v, u normalised, learnable scale s; K teachers with fixed scales s_k):
+
+    S    = s * v @ u.T
+    P    = mean_k softmax_rows(s_k * T_img[k] @ T_txt[k].T)      (probabilities averaged, not logits)
+    P'   = mean_k softmax_rows(s_k * T_txt[k] @ T_img[k].T)
+    KD   = 0.5 * [CE(P, softmax_rows(S)) + CE(P', softmax_rows(S.T))],  CE(P, Q) = mean_i -sum_j P_ij log Q_ij
+    L(B) = (1 - lam) * CLIP(B) + lam * KD(B)
+    loss = L(B_real) + L(B_syn)      (same image features; ground-truth captions, then one synthetic caption each)
+
+Teacher embeddings are the K teachers' normalised embeddings side by side, `[b, sum(dims)]` (stored as fp16): each
+slice is re-normalised in float32 and the teacher probabilities carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lightclip_core.data.tokenizer import trim_padding
+from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.contrastive import contrastive_loss
+
+CAPTION_BATCHES = ("both", "real", "synthetic")
+
+
+def teacher_probabilities(teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
+                          scales: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P image->text, P' text->image), both `[b, b]` float32: the K teachers' row softmaxes, averaged."""
+    dims, scales = list(dims), list(scales)
+    if len(dims) != len(scales):
+        raise ValueError(f"{len(dims)} teacher dims {dims} but {len(scales)} teacher scales {scales}")
+    for name, emb in (("image", teacher_image), ("text", teacher_text)):
+        if emb.ndim != 2 or emb.shape[1] != sum(dims):
+            raise ValueError(f"teacher {name} embedding width {emb.shape[-1]} != sum of the manifest's teacher dims "
+                             f"{dims} = {sum(dims)}")
+    if teacher_image.shape != teacher_text.shape:
+        raise ValueError(f"teacher image embeddings {tuple(teacher_image.shape)} and text embeddings "
+                         f"{tuple(teacher_text.shape)} differ in shape")
+    with torch.no_grad():
+        p_img = p_txt = torch.zeros(teacher_image.shape[0], teacher_image.shape[0], device=teacher_image.device)
+        for img, txt, scale in zip(teacher_image.float().split(dims, 1), teacher_text.float().split(dims, 1), scales):
+            logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+            p_img, p_txt = p_img + logits.softmax(dim=1), p_txt + logits.T.softmax(dim=1)
+        return p_img / len(dims), p_txt / len(dims)
+
+
+def _soft_ce(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def distillation_kd(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                    teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
+                    scales: Sequence[float]) -> torch.Tensor:
+    """KD: cross-entropy of the student's row softmaxes against the averaged teacher probabilities, both ways."""
+    if teacher_image.shape[0] != image_features.shape[0]:
+        raise ValueError(f"teacher batch {teacher_image.shape[0]} != student batch {image_features.shape[0]}")
+    device = image_features.device
+    p_img, p_txt = teacher_probabilities(teacher_image.to(device), teacher_text.to(device), dims, scales)
+    logits = logit_scale * image_features @ text_features.T
+    return 0.5 * (_soft_ce(p_img, logits) + _soft_ce(p_txt, logits.T))
+
+
+def mobileclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                    teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
+                    scales: Sequence[float], lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L(B), CLIP(B), KD(B)); the term with weight 0 is computed without a graph, for logging only."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lam < 1.0):
+        clip = contrastive_loss(image_features, text_features, logit_scale)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0.0):
+        kd = distillation_kd(image_features, text_features, logit_scale, teacher_image, teacher_text, dims, scales)
+    if lam == 0.0:
+        return clip, clip, kd
+    if lam == 1.0:
+        return kd, clip, kd
+    return (1.0 - lam) * clip + lam * kd, clip, kd
+
+
+class DistillationObjective(Objective):
+    """MobileCLIP's loss over a reinforced dataset: the ground-truth captions ("real"), one synthetic caption per
+    sample through a second pass of the text tower ("synthetic"), or both. No parameters of its own."""
+
+    name = "distill"
+
+    def __init__(self, dims: Sequence[int], scales: Sequence[float], lam: float = 1.0, caption_batches: str = "both",
+                 weight: float = 1.0):
+        super().__init__(weight)
+        self.dims, self.scales = [int(d) for d in dims], [float(s) for s in scales]
+        if not self.dims or len(self.dims) != len(self.scales):
+            raise ValueError(f"need one scale per teacher: dims {self.dims}, scales {self.scales}")
+        if any(d <= 0 for d in self.dims) or any(not s > 0 for s in self.scales):
+            raise ValueError(f"teacher dims must be positive and scales > 0: dims {self.dims}, scales {self.scales}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam={lam} must lie in [0, 1]")
+        if caption_batches not in CAPTION_BATCHES:
+            raise ValueError(f"caption_batches={caption_batches!r} must be one of {CAPTION_BATCHES}")
+        self.lam, self.caption_batches = float(lam), caption_batches
+
+    @staticmethod
+    def _extra(ctx: StepContext, key: str) -> torch.Tensor:
+        if key not in ctx.extras:
+            raise ValueError(f"the distill objective needs a reinforced dataset (`lightclip reinforce`): the batch "
+                             f"has no {key!r}")
+        return ctx.extras[key]
+
+    def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
+        image, scale = outputs["image_features"], outputs["logit_scale"]
+        teacher_image = self._extra(ctx, "teacher_image_emb")
+        batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.caption_batches in ("both", "real"):
+            batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb")
+        if self.caption_batches in ("both", "synthetic"):
+            syn_tokens, teacher_syn = self._extra(ctx, "syn_tokens"), self._extra(ctx, "teacher_syn_text_emb")
+            syn = ctx.model.encode_text(trim_padding(syn_tokens).to(image.device), normalize=True)
+            batches["syn"] = syn, teacher_syn
+        terms: dict[str, torch.Tensor | float] = {}
+        total = image.new_zeros((), dtype=torch.float32)
+        for tag, (text, teacher_text) in batches.items():
+            loss, clip, kd = mobileclip_loss(image, text, scale, teacher_image, teacher_text, self.dims, self.scales,
+                                             self.lam)
+            total = total + loss
+            terms[f"distill_kd_{tag}"], terms[f"distill_clip_{tag}"] = kd.detach(), clip.detach()
+        return {"distill_loss": total, **terms}

@@ -1,0 +1,127 @@
+"""Synthetic captions from an open_clip CoCa model by nucleus (top-p) sampling.
+
+open_clip's own `CoCa.generate` needs transformers' generation utilities (missing from transformers 5.x), so the
+sampling loop lives here; it drives the model's own forward pass (`model(None, prefix, image_latent=...,
+image_embs=..., output_labels=False)["logits"][:, -1]`), exactly what `CoCa.generate` uses for its top-p path.
+Images are encoded once and their embeddings repeated for every caption; finished sequences drop out of the batch.
+A caption is the decoded text up to end-of-text, cut at its first period.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightclip_core.config import TeacherSpec
+from lightclip_core.reinforce.teachers import TeacherLoadError, describe_spec, eval_transform, load_model, \
+    load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_SPECIAL_TEXT = ("<start_of_text>", "<end_of_text>")
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`logits` with every token outside the nucleus set to -inf: per row, the smallest set of most probable tokens
+    whose probability mass reaches `top_p`. The most probable token is always kept; `top_p >= 1` keeps all."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more probable tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token_logits(model: nn.Module, prefix: torch.Tensor, image_latent: torch.Tensor,
+                      image_embs: torch.Tensor) -> torch.Tensor:
+    """`[N, vocab]` logits of the token after `prefix` `[N, L]`, given the images' CoCa embeddings."""
+    out = model(None, prefix, image_latent=image_latent, image_embs=image_embs, output_labels=False)
+    return out["logits"][:, -1]
+
+
+def sample_next(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row: temperature, then the nucleus, then a draw from `generator` (on its own device)."""
+    filtered = top_p_filter(logits.float() / temperature, top_p)
+    probs = F.softmax(filtered, dim=-1).to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def sample_sequences(model: nn.Module, image_latent: torch.Tensor, image_embs: torch.Tensor, sot: int, eot: int,
+                     max_tokens: int, top_p: float, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """`[N, 1 + <= max_tokens]` token ids: start-of-text, then sampled tokens until end-of-text (rows that have
+    finished are padded with end-of-text) or `max_tokens`."""
+    n = image_latent.shape[0]
+    out = torch.full((n, 1), sot, dtype=torch.long, device=image_latent.device)
+    done = torch.zeros(n, dtype=torch.bool, device=out.device)
+    for _ in range(max_tokens):
+        active = (~done).nonzero().squeeze(1)
+        logits = next_token_logits(model, out[active], image_latent[active], image_embs[active])
+        column = torch.full((n,), eot, dtype=torch.long, device=out.device)
+        column[active] = sample_next(logits, top_p, temperature, generator)
+        out = torch.cat([out, column[:, None]], dim=1)
+        done |= column == eot
+        if bool(done.all()):
+            break
+    return out
+
+
+def clean_caption(text: str) -> str:
+    """Special-token text removed, cut at the first period, whitespace collapsed."""
+    for special in _SPECIAL_TEXT:
+        text = text.replace(special, " ")
+    return " ".join(text.split(".", 1)[0].split())
+
+
+class Captioner:
+    """An open_clip CoCa model generating `num_captions` captions per image."""
+
+    def __init__(self, spec: TeacherSpec, cache_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        loaded = load_model(spec, cache_dir, self.device)
+        if not isinstance(loaded.model, open_clip.CoCa):
+            raise TeacherLoadError(f"{describe_spec(spec)} cannot caption: it is a {type(loaded.model).__name__}, "
+                                   "not an open_clip CoCa model")
+        self.model = loaded.model
+        self.image_size = loaded.image_size
+        self.transform = eval_transform(loaded)
+        self.tokenizer = load_tokenizer(spec, loaded.name)
+        if not hasattr(self.tokenizer, "decode"):
+            raise TeacherLoadError(f"{describe_spec(spec)}: its tokenizer "
+                                   f"{type(self.tokenizer).__name__} cannot decode")
+        self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
+        self.eot = int(getattr(self.tokenizer, "eot_token_id", 49407))
+        # the text tower has positions for `context_length` tokens, the decoder's causal mask as many
+        self.max_length = min(int(self.model.text.context_length), int(self.model.context_length))
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image as the captioner reads it (resize the short side, centre-crop, normalise)."""
+        return self.transform(image)
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        ids = tokens.tolist()
+        ids = ids[:ids.index(self.eot)] if self.eot in ids else ids
+        return clean_caption(self.tokenizer.decode([t for t in ids if t != self.sot]))
+
+    @torch.inference_mode()
+    def generate(self, images: torch.Tensor, num_captions: int, top_p: float, temperature: float, max_tokens: int,
+                 generator: torch.Generator) -> list[list[str]]:
+        """`num_captions` captions for each preprocessed image of `[B, 3, H, W]`, in image order."""
+        if num_captions < 1 or max_tokens < 1:
+            raise ValueError(f"num_captions={num_captions} and max_tokens={max_tokens} must be >= 1")
+        steps = min(max_tokens, self.max_length - 1)
+        if steps < max_tokens:
+            log.debug("max_tokens=%d cut to %d (the model's context length)", max_tokens, steps)
+        latent, embs = self.model._encode_image(images.to(self.device))
+        latent = latent.repeat_interleave(num_captions, dim=0)
+        embs = embs.repeat_interleave(num_captions, dim=0)
+        tokens = sample_sequences(self.model, latent, embs, self.sot, self.eot, steps, top_p, temperature, generator)
+        texts = [self.decode(row) for row in tokens.cpu()]
+        return [texts[i * num_captions:(i + 1) * num_captions] for i in range(images.shape[0])]

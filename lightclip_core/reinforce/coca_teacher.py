@@ -1,0 +1,241 @@
+"""The `teacher` stage: train the embedded default's own small open_clip CoCa (no weights can be downloaded).
+
+CoCa (contrastive plus captioning loss) gives both the embedding teacher and the captioner of dataset
+reinforcement. The result is published as an open_clip local-dir, `out_dir/model/` (`open_clip_config.json` and
+`open_clip_model.safetensors`), loadable with `open_clip.create_model("local-dir:out_dir/model")`. The directory is
+built under a temporary name and renamed, so a reader never sees a half-written model.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import CoCaLoss
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from lightclip_core.config import CocaTeacherConfig
+from lightclip_core.data.prepare import swap_in
+from lightclip_core.data.shards import ShardStream, decode_image, shard_paths
+from lightclip_core.data.storage import atomic_path, write_json_atomic
+from lightclip_core.data.tokenizer import tokenize, vocab_size
+from lightclip_core.data.transforms import image_transform
+from lightclip_core.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+LOG_COLUMNS = ("step", "loss", "clip_loss", "caption_loss", "lr", "logit_scale", "samples_per_s")
+INTERPOLATION = "bicubic"
+_MAX_LOG_SCALE = math.log(100.0)
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+@dataclass
+class TeacherResult:
+    model_dir: Path
+    metrics: dict[str, float]
+    log_path: Path
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, in memory (eval mode)
+
+
+def coca_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
+    """open_clip's model config for `c`, shaped like its `coca_ViT-B-32.json`. The text tokens, the attentional
+    pooler's image tokens and the decoder share one width, so `text_width` must equal `embed_dim`."""
+    if c.text_width != c.embed_dim:
+        raise ValueError(f"teacher.train.text_width={c.text_width} must equal teacher.train.embed_dim={c.embed_dim}: "
+                         "CoCa's decoder reads text tokens and pooled image tokens at one width")
+    grid = c.image_size // c.patch_size
+    vocab = vocab_size()
+    return {
+        "embed_dim": c.embed_dim,
+        "vision_cfg": {"image_size": c.image_size, "patch_size": c.patch_size, "width": c.vision_width,
+                       "layers": c.vision_layers, "head_width": c.vision_width // c.vision_heads,
+                       "attentional_pool": True, "attn_pooler_heads": c.text_heads,
+                       "attn_pooler_queries": grid * grid + 1, "output_tokens": True},
+        "text_cfg": {"context_length": c.context_length, "vocab_size": vocab, "width": c.text_width,
+                     "heads": c.text_heads, "layers": c.text_layers, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": c.context_length, "vocab_size": vocab, "width": c.text_width,
+                           "heads": c.text_heads, "layers": c.decoder_layers, "attn_pooler_heads": c.text_heads},
+        "custom_text": True,
+    }
+
+
+def preprocess_config(image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """open_clip's `preprocess_cfg` (keys of `open_clip.transform.PreprocessCfg`)."""
+    return {"size": image_size, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "interpolation": INTERPOLATION, "resize_mode": "shortest"}
+
+
+def write_config(directory: Path, model_cfg: dict[str, Any], pp_cfg: dict[str, Any]) -> None:
+    write_json_atomic(directory / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": pp_cfg})
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def fresh_build_dir(final: Path) -> Path:
+    """A new hidden directory next to `final` (same file system, so the final rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    build = final.parent / f".{final.name}.build-{os.getpid()}-{secrets.token_hex(4)}"
+    build.mkdir()
+    return build
+
+
+def create_from_dir(directory: Path, device: torch.device) -> nn.Module:
+    """A freshly initialised model from an open_clip local-dir's config (the path a teacher is later loaded by)."""
+    return open_clip.create_model(f"local-dir:{directory}", load_weights=False, device=device)
+
+
+def publish_model_dir(model: nn.Module, build: Path, final: Path) -> Path:
+    """Add the weights to `build` (which holds the config) and swap it in as `final`."""
+    save_weights(model, build / WEIGHTS_FILE)
+    swap_in(build, final)
+    return final
+
+
+class CaptionPairDecoder:
+    """Raw WebDataset sample -> (normalised image tensor, token ids of its caption)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], context_length: int):
+        self.transform = image_transform(image_size, mean, std, INTERPOLATION)
+        self.context_length = context_length
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        caption = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
+        return self.transform(decode_image(raw)), tokenize(caption, self.context_length)[0]
+
+
+def _batches(loader: torch.utils.data.DataLoader, stream: ShardStream, steps: int) -> Iterator[tuple]:
+    epoch, produced = 0, 0
+    while produced < steps:
+        stream.set_epoch(epoch)
+        before = produced
+        for batch in loader:
+            yield batch
+            produced += 1
+            if produced >= steps:
+                return
+        if produced == before:
+            raise RuntimeError("the training split yields no full batch: lower teacher.train.batch_size")
+        epoch += 1
+
+
+def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings (token, positional, class) or the temperature."""
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "embedding" in name or "cls_emb" in name or "logit_scale" in name
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": c.weight_decay},
+              {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
+    out = model(images, tokens)
+    clip_loss, caption_loss = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                      out["logit_scale"])
+    return clip_loss + caption_loss, clip_loss, caption_loss, out["logit_scale"]
+
+
+def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[float], std: Sequence[float],
+            device: torch.device) -> tuple[torch.utils.data.DataLoader, ShardStream]:
+    stream = ShardStream(shard_paths(train_dir), CaptionPairDecoder(c.image_size, mean, std, c.context_length),
+                         seed=c.seed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=c.batch_size, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    return loader, stream
+
+
+def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data.DataLoader, stream: ShardStream,
+                log_path: Path, sink: MetricSink | None, device: torch.device) -> list[dict[str, float]]:
+    """`c.steps` optimiser steps; one log row per step (CSV, sink, progress bar)."""
+    loss_fn = CoCaLoss(caption_loss_weight=c.caption_loss_weight, clip_loss_weight=c.clip_loss_weight)
+    optimizer = build_optimizer(model, c)
+    scheduler = build_scheduler(optimizer, c.warmup_steps, c.steps)
+    rows: list[dict[str, float]] = []
+    model.train()
+    tick = time.perf_counter()
+    with open(log_path, "w", newline="") as log_file, tqdm(total=c.steps, desc="teacher", unit="step") as bar:
+        writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for step, (images, tokens) in enumerate(_batches(loader, stream, c.steps), start=1):
+            loss, clip_loss, caption_loss, scale = _step(model, loss_fn, images.to(device), tokens.to(device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"teacher loss is {loss.item()} at step {step}; nothing was published")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, _MAX_LOG_SCALE)
+            now = time.perf_counter()
+            row = {"step": step, "loss": loss.item(), "clip_loss": clip_loss.item(),
+                   "caption_loss": caption_loss.item(), "lr": scheduler.get_last_lr()[0],
+                   "logit_scale": scale.item(), "samples_per_s": c.batch_size / (now - tick)}
+            tick = now
+            rows.append(row)
+            writer.writerow(row)
+            log_file.flush()  # readable while training runs
+            if sink is not None:
+                sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update()
+    model.eval()
+    return rows
+
+
+def _summary(rows: list[dict[str, float]], batch_size: int, wall: float) -> dict[str, float]:
+    tail = rows[-min(len(rows), 20):]
+    return {"steps": float(len(rows)), "wall_time_s": wall, "samples_per_s": len(rows) * batch_size / wall,
+            **{f"final_{k}": float(np.mean([r[k] for r in tail])) for k in ("loss", "clip_loss", "caption_loss")},
+            "final_logit_scale": tail[-1]["logit_scale"]}
+
+
+def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       mean: Sequence[float], std: Sequence[float], sink: MetricSink | None = None,
+                       device: str | torch.device | None = None) -> TeacherResult:
+    """Train CoCa on the shards of `train_dir` for `c.steps` steps; publish `out_dir/model/`, log `teacher_log.csv`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    final = out_dir / "model"
+    build = fresh_build_dir(final)
+    try:
+        write_config(build, coca_model_config(c), preprocess_config(c.image_size, mean, std))
+        torch.manual_seed(c.seed)
+        model = create_from_dir(build, device)
+        loader, stream = _loader(c, train_dir, mean, std, device)
+        log.info("training the CoCa teacher (%.2fM parameters) for %d steps, batch %d, on %s",
+                 sum(p.numel() for p in model.parameters()) / 1e6, c.steps, c.batch_size, device)
+        log_path = out_dir / "teacher_log.csv"
+        started = time.perf_counter()
+        rows = _train_loop(model, c, loader, stream, log_path, sink, device)
+        metrics = _summary(rows, c.batch_size, time.perf_counter() - started)
+        publish_model_dir(model, build, final)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    log.info("trained the CoCa teacher: %d steps in %.1f s (%.1f samples/s), final loss %.4f; published %s",
+             len(rows), metrics["wall_time_s"], metrics["samples_per_s"], metrics["final_loss"], final)
+    return TeacherResult(final, metrics, log_path, model)

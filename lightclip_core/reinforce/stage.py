@@ -1,0 +1,313 @@
+"""The reinforce stage (MobileCLIP, METHOD.md 2.1): for every shard of a split, N replayable augmentations, the
+teacher ensemble's embeddings of each view, synthetic captions and the teachers' text embeddings, written in the
+DataCompDR layout (`paug.json`, `syn.json`, `npz`) next to the original members.
+
+The stage works shard by shard. A shard is written under a temporary name and renamed, then its entry file
+(`.entries/<shard>.json`: sample count, sha256, skipped samples, fingerprint) is written; the manifest is rebuilt
+from the entries last. A shard whose entry carries the current fingerprint (parameters, teachers, source sha256) and
+whose file still has the recorded sha256 is skipped, so a rerun after a crash redoes only what is missing, and a
+`shard_range` lets several workers (the Kubeflow fan-out) reinforce disjoint shard groups of one split.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from lightclip_core.config import Config, TeacherSpec
+from lightclip_core.data.augment import ReplayableAugment, sample_generator
+from lightclip_core.data.reinforced import encode_reinforcement
+from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, decode_image, iter_raw_samples, read_manifest)
+from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
+from lightclip_core.reinforce.captioner import Captioner
+from lightclip_core.reinforce.teachers import TeacherEnsemble
+
+log = logging.getLogger(__name__)
+
+ENTRIES = ".entries"
+_FIXED_MTIME = 0.0
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+@dataclass
+class ReinforceResult:
+    out_dir: Path
+    shards_written: int
+    shards_reused: int
+    samples: int
+    skipped: dict[str, int]
+    complete: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Timer:
+    """Seconds spent in teacher and captioner forward passes versus everything (decode, augment, write)."""
+
+    teacher_s: float = 0.0
+
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.teacher_s += time.perf_counter() - start
+
+
+def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[TeacherSpec], TeacherSpec]:
+    """The ensemble and captioner of params.yaml; where empty, the teacher the `teacher` stage trained."""
+    trained = TeacherSpec(model=f"local-dir:{Path(teacher_dir) / 'model'}") if teacher_dir else None
+    ensemble = list(cfg.teacher.ensemble) or ([trained] if trained else [])
+    captioner = cfg.teacher.captioner or trained
+    if not ensemble or captioner is None:
+        raise ValueError("teacher.ensemble/teacher.captioner are empty and no --teacher directory was given")
+    return ensemble, captioner
+
+
+def fingerprint(cfg: Config, ensemble: TeacherEnsemble, captioner_spec: TeacherSpec, source_sha256: str) -> str:
+    """What a reinforced shard depends on: its source bytes, the reinforcement parameters and the teachers."""
+    content = {"reinforce": cfg.reinforce.model_dump(mode="json"), "teachers": ensemble.describe(),
+               "captioner": captioner_spec.model_dump(mode="json"), "source": source_sha256}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+class ShardReinforcer:
+    """Reinforce one shard: augment, embed, caption, write; teachers run in batches under inference mode."""
+
+    def __init__(self, cfg: Config, ensemble: TeacherEnsemble, captioner: Captioner, timer: Timer):
+        r = cfg.reinforce
+        self.r, self.ensemble, self.captioner, self.timer = r, ensemble, captioner, timer
+        self.reference_size = r.image_size or ensemble.image_sizes[0]
+        self.augment = ReplayableAugment(self.reference_size, scale=tuple(r.crop_scale), ratio=tuple(r.crop_ratio),
+                                         num_ops=r.rand_augment_ops, magnitude=r.rand_augment_magnitude)
+
+    def _views(self, key: str, image) -> tuple[list, list[list[torch.Tensor]]]:
+        """The N parameter sets of a sample and, per teacher, its N views preprocessed at that teacher's size."""
+        params = [self.augment.sample(image, sample_generator(self.r.seed, key, a))
+                  for a in range(self.r.num_augmentations)]
+        per_teacher = []
+        for t, size in enumerate(self.ensemble.image_sizes):
+            views = [self.augment.apply(image, p, size=size, reference_size=self.reference_size) for p in params]
+            per_teacher.append([self.ensemble.to_tensor(v, t) for v in views])
+        return params, per_teacher
+
+    def _embed_images(self, per_sample: list[list[list[torch.Tensor]]]) -> np.ndarray:
+        """[samples * N, D_total] for views grouped per sample, in teacher batches of `batch_size`."""
+        teachers = len(self.ensemble.image_sizes)
+        flat = [[v for sample in per_sample for v in sample[t]] for t in range(teachers)]
+        out = []
+        for start in range(0, len(flat[0]), self.r.batch_size):
+            batch = [torch.stack(flat[t][start:start + self.r.batch_size]) for t in range(teachers)]
+            with self.timer.teacher():
+                out.append(self.ensemble.encode_images(batch).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.r.batch_size):
+            with self.timer.teacher():
+                out.append(self.ensemble.encode_texts(texts[start:start + self.r.batch_size]).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _captions(self, images: list, generator: torch.Generator) -> list[list[str]]:
+        """`num_captions` captions per (un-augmented) image, `batch_size` sequences at a time."""
+        step = max(1, self.r.batch_size // self.r.num_captions)
+        captions: list[list[str]] = []
+        for start in range(0, len(images), step):
+            batch = torch.stack([self.captioner.preprocess(im) for im in images[start:start + step]])
+            with self.timer.teacher():
+                captions += self.captioner.generate(batch, self.r.num_captions, self.r.top_p, self.r.temperature,
+                                                    self.r.max_caption_tokens, generator)
+        return captions
+
+    def chunk(self, raws: list[dict[str, Any]], images: list, generator: torch.Generator) -> list[dict[str, Any]]:
+        """Reinforced WebDataset samples for a chunk of decoded samples."""
+        n = self.r.num_augmentations
+        views = [self._views(raw["__key__"], image) for raw, image in zip(raws, images)]
+        image_emb = self._embed_images([v for _, v in views]).reshape(len(raws), n, -1)
+        syn = self._captions(images, generator)
+        texts = [t for raw, caps in zip(raws, syn) for t in [_caption(raw), *caps]]
+        text_emb = self._embed_texts(texts).reshape(len(raws), 1 + self.r.num_captions, -1)
+        out = []
+        for i, raw in enumerate(raws):
+            sample = {k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
+            sample.update(encode_reinforcement([p.to_json() for p in views[i][0]], syn[i], image_emb[i], text_emb[i],
+                                               dtype=self.r.embedding_dtype))
+            out.append(sample)
+        return out
+
+    def shard(self, src: str, dst: Path, seed_key: str, bar: tqdm) -> tuple[int, Counter]:
+        """Reinforce `src` into `dst` (atomically); returns (samples written, skipped samples by reason)."""
+        skipped: Counter = Counter()
+        generator = torch.Generator().manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:15], 16))
+        written = 0
+        with atomic_path(dst) as tmp, open(tmp, "wb") as f:
+            sink = wds.TarWriter(f, mtime=_FIXED_MTIME)
+            raws, images = [], []
+            for raw in iter_raw_samples([src]):
+                try:
+                    images.append(decode_image(raw))
+                    raws.append(raw)
+                except Exception as err:  # an undecodable image is skipped and counted, never fatal
+                    log.warning("skipping sample %r of %s: %s", raw.get("__key__"), src, err)
+                    skipped["undecodable_image"] += 1
+                if len(raws) == self.r.batch_size:
+                    written += self._write(sink, raws, images, generator, bar)
+                    raws, images = [], []
+            if raws:
+                written += self._write(sink, raws, images, generator, bar)
+            sink.close()
+        return written, skipped
+
+    def _write(self, sink: wds.TarWriter, raws: list, images: list, generator: torch.Generator, bar: tqdm) -> int:
+        for sample in self.chunk(raws, images, generator):
+            sink.write(sample)
+        bar.update(len(raws))
+        return len(raws)
+
+
+def _caption(raw: dict[str, Any]) -> str:
+    return raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
+
+
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path) -> Iterator[None]:
+    """Serialises manifest rebuilds of workers sharing one output directory (a file lock: local or shared POSIX
+    file systems; on object storage the DAG's join step publishes the manifest once)."""
+    with open(out_dir / ".manifest.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _entry_path(out_dir: Path, shard_url: str) -> Path:
+    return out_dir / ENTRIES / f"{shard_url}.json"
+
+
+def _current_entry(out_dir: Path, shard_url: str, expected: str) -> dict[str, Any] | None:
+    """The shard's entry if it was reinforced with the current fingerprint and its file is intact."""
+    path = _entry_path(out_dir, shard_url)
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text())
+    shard = out_dir / shard_url
+    if entry.get("fingerprint") != expected or not shard.is_file() or sha256_file(shard) != entry["sha256"]:
+        return None
+    return entry
+
+
+def publish_manifest(out_dir: Path, source: dict[str, Any], prints: dict[str, str],
+                     reinforcement: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild `manifest.json` from the entries that carry the current fingerprints, in source order. The split is
+    `complete` when every source shard has one; a trainer that distils refuses an incomplete split."""
+    with _manifest_lock(out_dir):
+        shards, skipped, missing = [], Counter(source.get("skipped", {})), 0
+        for s in source["shards"]:
+            entry = _current_entry(out_dir, s["url"], prints[s["url"]])
+            if entry is None:
+                missing += 1
+                continue
+            shards.append({"url": s["url"], "num_samples": entry["num_samples"], "sha256": entry["sha256"]})
+            skipped.update(entry["skipped"])
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "split": source["split"],
+            "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+            "params": source.get("params", {}), "tasks": source.get("tasks", {}), "skipped": dict(skipped),
+            "reinforcement": {**reinforcement, "complete": missing == 0, "missing_shards": missing},
+        }
+        write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def parse_shard_range(text: str | None, count: int) -> range:
+    """`"a:b"` (Python slice bounds, either may be empty) -> the shard indices; None -> every shard."""
+    if not text:
+        return range(count)
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"--shards={text!r}: expected START:END, e.g. 0:4")
+    try:
+        start, end = (int(p) if p else None for p in parts)
+    except ValueError:
+        raise ValueError(f"--shards={text!r}: START and END must be integers") from None
+    return range(count)[slice(start, end)]
+
+
+def reinforce(cfg: Config, data_dir: str | Path, out_dir: str | Path, teacher_dir: str | Path | None = None,
+              shard_range: range | None = None, sink: MetricSink | None = None,
+              cache_dir: str | Path | None = None) -> ReinforceResult:
+    """Reinforce the shards `shard_range` (default: all) of the split in `data_dir` into `out_dir`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    source = read_manifest(data_dir)
+    indices = shard_range if shard_range is not None else range(len(source["shards"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ENTRIES).mkdir(exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".teacher-cache"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    specs, captioner_spec = default_specs(cfg, teacher_dir)
+    ensemble = TeacherEnsemble(specs, cache_dir, device)
+    captioner = Captioner(captioner_spec, cache_dir, device)
+    timer = Timer()
+    worker = ShardReinforcer(cfg, ensemble, captioner, timer)
+    prints = {s["url"]: fingerprint(cfg, ensemble, captioner_spec, s["sha256"]) for s in source["shards"]}
+    reinforcement = {
+        "layout": "datacompdr", "teachers": ensemble.describe(), "dims": ensemble.dims, "scales": ensemble.scales,
+        "captioner": captioner_spec.model_dump(mode="json"), "image_size": worker.reference_size,
+        "num_augmentations": cfg.reinforce.num_augmentations, "num_captions": cfg.reinforce.num_captions,
+        "params": cfg.reinforce.model_dump(mode="json"),
+    }
+    todo = [source["shards"][i] for i in indices
+            if _current_entry(out_dir, source["shards"][i]["url"], prints[source["shards"][i]["url"]]) is None]
+    reused = len(indices) - len(todo)
+    log.info("reinforcing %d of %d shards (%d already reinforced) with teachers %s", len(todo), len(indices), reused,
+             [t["model"] for t in reinforcement["teachers"]])
+
+    started = time.perf_counter()
+    samples, skipped = 0, Counter()
+    with tqdm(total=sum(s["num_samples"] for s in todo), desc="reinforce", unit="sample") as bar:
+        for s in todo:
+            shard_started = time.perf_counter()
+            written, shard_skipped = worker.shard(str(data_dir / s["url"]), out_dir / s["url"],
+                                                  f"{cfg.reinforce.seed}/{s['url']}", bar)
+            write_json_atomic(_entry_path(out_dir, s["url"]), {
+                "url": s["url"], "num_samples": written, "sha256": sha256_file(out_dir / s["url"]),
+                "skipped": dict(shard_skipped), "fingerprint": prints[s["url"]], "source_sha256": s["sha256"]})
+            samples += written
+            skipped.update(shard_skipped)
+            if sink is not None:
+                sink.log_metrics({"reinforce/samples_per_s": written / (time.perf_counter() - shard_started),
+                                  "reinforce/samples": float(samples)}, step=samples)
+    wall = time.perf_counter() - started
+    manifest = publish_manifest(out_dir, source, prints, reinforcement)
+    metrics = {"samples": float(samples), "wall_time_s": wall, "samples_per_s": samples / wall if wall else 0.0,
+               "teacher_time_s": timer.teacher_s,
+               "teacher_fraction": timer.teacher_s / wall if wall and samples else 0.0,
+               "shards_written": float(len(todo)), "shards_reused": float(reused),
+               "skipped": float(sum(skipped.values()))}
+    log.info("reinforced %d samples in %.1f s (%.1f samples/s, %.0f%% in teacher forward passes); manifest %s",
+             samples, wall, metrics["samples_per_s"], 100 * metrics["teacher_fraction"],
+             "complete" if manifest["reinforcement"]["complete"] else
+             f"incomplete ({manifest['reinforcement']['missing_shards']} shards missing)")
+    return ReinforceResult(out_dir, len(todo), reused, samples, dict(skipped),
+                           manifest["reinforcement"]["complete"], metrics)
