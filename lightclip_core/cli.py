@@ -63,13 +63,28 @@ def cmd_teacher(cfg: Config, args: argparse.Namespace) -> dict:
 
     train_dir = _existing(args.data, "training split", "--data")
     out = Path(args.out)
+    teachers = {"model": cfg.teacher.train, **({"second": cfg.teacher.second} if cfg.teacher.second else {})}
+    metrics: dict[str, float] = {}
     with StageRun(cfg, "teacher", inputs={"data": train_dir}) as run:
-        result = train_coca_teacher(cfg.teacher.train, train_dir, out, cfg.model.image.mean, cfg.model.image.std,
-                                    sink=run)
-        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
-        run.log_artifact(result.log_path)
-    _write_metrics(out / "metrics.json", result.metrics)
-    return {"model": str(result.model_dir), **result.metrics}
+        for name, teacher in teachers.items():
+            prefix = "" if name == "model" else f"{name}/"
+            result = train_coca_teacher(teacher, train_dir, out, cfg.model.image.mean, cfg.model.image.std,
+                                        sink=_Prefixed(run, prefix), name=name)
+            metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
+            run.log_artifact(result.log_path)
+        run.log_metrics({f"summary/{k}": v for k, v in metrics.items()})
+    _write_metrics(out / "metrics.json", metrics)
+    return {"models": [str(out / name) for name in teachers], **metrics}
+
+
+class _Prefixed:
+    """A metric sink that prefixes every key (the second teacher's curves next to the first's)."""
+
+    def __init__(self, sink, prefix: str):
+        self.sink, self.prefix = sink, prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.sink.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=step)
 
 
 def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:

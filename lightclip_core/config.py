@@ -263,25 +263,28 @@ class TeacherSpec(_Section):
 
 
 class CocaTeacherConfig(_Section):
-    """The embedded default's own teacher and captioner: open_clip's CoCa with a small config, trained on the
-    training split with contrastive plus captioning loss by the `teacher` stage (no weights can be downloaded)."""
+    """A teacher the `teacher` stage trains on the training split, since no weights can be downloaded: open_clip's
+    CoCa with a small config (contrastive plus captioning loss; also the captioner), or open_clip's CLIP with a timm
+    image tower (contrastive loss; a second, different teacher)."""
 
-    embed_dim: int = Field(256, ge=8)
+    kind: Literal["coca", "clip"] = "coca"
+    tower: str | None = Field(None, description="clip: the timm image tower (e.g. resnet18); coca: a ViT, unset")
+    embed_dim: int = Field(192, ge=8)
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(8, ge=2)
-    vision_width: int = Field(256, ge=16)
-    vision_layers: int = Field(6, ge=1)
-    vision_heads: int = Field(4, ge=1)
-    text_width: int = Field(256, ge=16)
-    text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(4, ge=1)
-    decoder_layers: int = Field(2, ge=1, description="multimodal (captioning) decoder layers")
-    context_length: int = Field(32, ge=8, le=77)
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(128, ge=2)
+    vision_width: int = Field(192, ge=16)
+    vision_layers: int = Field(4, ge=1)
+    vision_heads: int = Field(3, ge=1)
+    text_width: int = Field(192, ge=16)
+    text_layers: int = Field(3, ge=1)
+    text_heads: int = Field(3, ge=1)
+    decoder_layers: int = Field(1, ge=1, description="multimodal (captioning) decoder layers")
+    context_length: int = Field(20, ge=8, le=77)
+    steps: int = Field(250, ge=1)
+    batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(25, ge=0)
     clip_loss_weight: float = Field(1.0, ge=0)
     caption_loss_weight: float = Field(1.0, ge=0)
     seed: int = Field(0, ge=0)
@@ -290,7 +293,11 @@ class CocaTeacherConfig(_Section):
     def _geometry(self) -> CocaTeacherConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
-        if self.text_width != self.embed_dim:  # CoCa's decoder reads text tokens and pooled image tokens at one width
+        if self.kind == "clip" and not self.tower:
+            raise ValueError("kind=clip needs a timm image tower (tower: resnet18, ...)")
+        if self.kind == "coca" and self.tower:
+            raise ValueError(f"tower={self.tower!r}: a CoCa teacher has a ViT image tower (set by the vision_* fields)")
+        if self.kind == "coca" and self.text_width != self.embed_dim:  # CoCa's decoder: one width for text and image
             raise ValueError(f"text_width={self.text_width} must equal embed_dim={self.embed_dim} (CoCa's decoder "
                              f"reads text tokens and pooled image tokens at one width)")
         for side in ("vision", "text"):
@@ -302,6 +309,11 @@ class CocaTeacherConfig(_Section):
 
 class TeacherConfig(_Section):
     train: CocaTeacherConfig = CocaTeacherConfig()
+    second: CocaTeacherConfig | None = Field(
+        default_factory=lambda: CocaTeacherConfig(kind="clip", tower="resnet18", embed_dim=256, text_width=256,
+                                                  text_layers=4, text_heads=4, context_length=32, steps=300,
+                                                  batch_size=128, warmup_steps=25),
+        description="a second, different trained teacher in the ensemble; null: none")
     ensemble: list[TeacherSpec] = Field(
         default_factory=list, description="the teachers whose embeddings are stored; empty: the trained teacher")
     captioner: TeacherSpec | None = Field(None, description="an open_clip CoCa model; null: the trained teacher")

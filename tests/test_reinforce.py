@@ -25,12 +25,14 @@ from lightclip_core.train.trainer import train
 TEACHER = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
            "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2, "decoder_layers": 1,
            "context_length": 16, "steps": 3, "batch_size": 16, "warmup_steps": 1}
+SECOND = {"kind": "clip", "tower": "resnet18", "embed_dim": 16, "image_size": 32, "text_width": 32,
+          "text_layers": 1, "text_heads": 2, "context_length": 16, "steps": 3, "batch_size": 16, "warmup_steps": 1}
 TINY = {
     "data": {"samples_per_shard": 16, "synthetic": {"num_train": 40, "num_val": 4, "num_test": 4, "image_size": 32}},
     "model": {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
               "text": {"context_length": 16, "width": 32, "heads": 2, "layers": 2}},
     "objectives": {"token": {"enabled": False}, "mlm": {"enabled": False}},
-    "teacher": {"train": TEACHER},
+    "teacher": {"train": TEACHER, "second": SECOND},
     "reinforce": {"num_augmentations": 3, "num_captions": 2, "max_caption_tokens": 6, "batch_size": 8},
     "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "workers": 0, "shuffle_buffer": 8, "threads": 1},
     "tracking": {"enabled": False},
@@ -50,8 +52,9 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("reinforce")
     cfg = config()
     prepare(cfg.data, root / "data")
-    train_coca_teacher(cfg.teacher.train, root / "data" / "train", root / "teacher", cfg.model.image.mean,
-                       cfg.model.image.std)
+    for name, teacher in (("model", cfg.teacher.train), ("second", cfg.teacher.second)):
+        train_coca_teacher(teacher, root / "data" / "train", root / "teacher", cfg.model.image.mean,
+                           cfg.model.image.std, name=name)
     return root
 
 
@@ -72,13 +75,14 @@ def test_every_shard_is_published_in_the_datacompdr_layout(base, reinforced):
     assert manifest["tasks"] == source["tasks"]
     verify_shards(out)
     r = manifest["reinforcement"]
-    assert r["dims"] == [32] and r["image_size"] == 32 and r["num_augmentations"] == 3
+    assert r["dims"] == [32, 16] and len(r["teachers"]) == 2 and r["image_size"] == 32 and r["num_augmentations"] == 3
     for raw in iter_raw_samples(shard_paths(out)):
         rf = decode_reinforcement(raw)
-        assert rf.image_emb.shape == (3, 32) and rf.syn_text_emb.shape == (2, 32) and len(rf.syn_texts) == 2
+        assert rf.image_emb.shape == (3, 48) and rf.syn_text_emb.shape == (2, 48) and len(rf.syn_texts) == 2
         assert all("." not in t for t in rf.syn_texts)
         assert {"png", "txt", "json", "paug.json", "syn.json", "npz"} <= set(raw)
-        assert np.allclose(np.linalg.norm(rf.image_emb, axis=1), 1.0, atol=2e-3)  # L2-normalised, stored in fp16
+        for piece in (rf.image_emb[:, :32], rf.image_emb[:, 32:], rf.text_emb[:, :32], rf.syn_text_emb[:, 32:]):
+            assert np.allclose(np.linalg.norm(piece, axis=1), 1.0, atol=2e-3)  # each teacher's slice L2-normalised
 
 
 def test_stored_embeddings_are_the_teachers_embeddings_of_the_replayed_views(base, reinforced):
@@ -95,7 +99,7 @@ def test_stored_embeddings_are_the_teachers_embeddings_of_the_replayed_views(bas
     image = decode_image(raw)
     for a, entry in enumerate(rf.param_aug):
         view = ReplayableAugment(32).apply(image, AugParams.from_json(entry), size=32, reference_size=32)
-        expected = ensemble.encode_images([ensemble.to_tensor(view, 0)[None]]).float().numpy()[0]
+        expected = ensemble.encode_images([ensemble.to_tensor(view, t)[None] for t in range(2)]).float().numpy()[0]
         np.testing.assert_allclose(rf.image_emb[a], expected, atol=2e-3)  # fp16 storage
     texts = [raw["txt"].decode(), *rf.syn_texts]
     expected = ensemble.encode_texts(texts).float().numpy()
@@ -188,13 +192,13 @@ def test_a_width_that_disagrees_with_the_manifest_or_missing_keys_stop_with_one_
 
     shutil.copytree(out, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["reinforcement"]["dims"] = [20]
+    manifest["reinforcement"]["dims"] = [32, 12]
     (broken / "manifest.json").write_text(json.dumps(manifest))
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(TINY))
     code = main(["train", "--params", str(params), "--data", str(broken), "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "width 32" in err[0] and "20" in err[0]
+    assert code == 1 and len(err) == 1 and "width 48" in err[0] and "44" in err[0]
 
     plain_members = tmp_path / "plain"
     shutil.copytree(out, plain_members)

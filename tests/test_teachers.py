@@ -375,3 +375,45 @@ def test_captioner_refuses_a_model_without_a_decoder(registered, root):
     with pytest.raises(TeacherLoadError, match=f"{CLIP_ARCH}.*not an open_clip CoCa") as info:
         Captioner(spec, root / "cache", "cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_fresh_coca_teacher_has_no_uninitialised_parameters(tmp_path):
+    """open_clip leaves CoCa's decoder projection as `torch.empty`; deterministic mode fills such memory with NaN, so
+    a NaN here means a parameter was never initialised."""
+    from lightclip_core.reinforce.coca_teacher import coca_model_config, create_from_dir, preprocess_config, \
+        write_config
+
+    c = tiny_coca()
+    write_config(tmp_path, coca_model_config(c), preprocess_config(c.image_size, [0.5] * 3, [0.5] * 3))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = create_from_dir(tmp_path, torch.device("cpu"))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert bad == []
+    projection = model.text_decoder.text_projection
+    assert abs(float(projection.std()) - c.text_width ** -0.5) < 0.1 * c.text_width ** -0.5
+
+
+def test_sampling_follows_the_renormalised_nucleus():
+    """200k draws against the exact nucleus distribution (chi-square), for two temperatures."""
+    from scipy.stats import chisquare
+
+    from lightclip_core.reinforce.captioner import sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1.0, 0.7), (2.0, 0.95)):
+        probs = torch.softmax(logits[0] / temperature, dim=0).double()
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        nucleus = order[before < top_p]
+        expected = torch.zeros_like(probs)
+        expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+        draws = sample_next(logits.repeat(200_000, 1), top_p, temperature, generator)
+        counts = torch.bincount(draws, minlength=5).double()
+        assert counts[expected == 0].sum() == 0
+        kept = expected > 0
+        assert chisquare(counts[kept].numpy(), (expected[kept] * 200_000).numpy()).pvalue > 1e-4

@@ -2,7 +2,8 @@
 
 open_clip's own `CoCa.generate` needs transformers' generation utilities (missing from transformers 5.x), so the
 sampling loop lives here; it drives the model's own forward pass (`model(None, prefix, image_latent=...,
-image_embs=..., output_labels=False)["logits"][:, -1]`), exactly what `CoCa.generate` uses for its top-p path.
+image_embs=..., output_labels=False)`, what `CoCa.generate` uses for its top-p path), projecting only the last
+position onto the vocabulary.
 Images are encoded once and their embeddings repeated for every caption; finished sequences drop out of the batch.
 A caption is the decoded text up to end-of-text, cut at its first period.
 """
@@ -25,32 +26,61 @@ log = logging.getLogger(__name__)
 _SPECIAL_TEXT = ("<start_of_text>", "<end_of_text>")
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus_of_sorted(sorted_logits: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep-mask over logits sorted in descending order: a token stays while the mass of the strictly more probable
+    tokens is below `top_p` (so the most probable token always stays)."""
+    probs = (sorted_logits - log_norm).exp()
+    return probs.cumsum(dim=-1) - probs < top_p
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 512) -> torch.Tensor:
     """`logits` with every token outside the nucleus set to -inf: per row, the smallest set of most probable tokens
-    whose probability mass reaches `top_p`. The most probable token is always kept; `top_p >= 1` keeps all."""
+    whose probability mass reaches `top_p`. The most probable token is always kept; `top_p >= 1` keeps all.
+
+    Exact and cheap: the nucleus is looked for among the `candidates` most probable tokens (a top-k, not a sort of
+    the whole vocabulary); only rows whose top `candidates` hold less than `top_p` of the mass are sorted in full."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more probable tokens
-    drop_sorted = mass_before >= top_p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top, order = logits.topk(min(candidates, logits.shape[-1]), dim=-1)
+    keep = _nucleus_of_sorted(top, log_norm, top_p)
+    out = torch.full_like(logits, float("-inf")).scatter(-1, order, top.masked_fill(~keep, float("-inf")))
+    wide = (top - log_norm).exp().sum(dim=-1) < top_p  # the nucleus reaches beyond the candidates
+    if bool(wide.any()):
+        rows = logits[wide]
+        sorted_logits, full_order = torch.sort(rows, dim=-1, descending=True)
+        keep_all = _nucleus_of_sorted(sorted_logits, log_norm[wide], top_p)
+        out[wide] = torch.full_like(rows, float("-inf")).scatter(
+            -1, full_order, sorted_logits.masked_fill(~keep_all, float("-inf")))
+    return out
 
 
 def next_token_logits(model: nn.Module, prefix: torch.Tensor, image_latent: torch.Tensor,
                       image_embs: torch.Tensor) -> torch.Tensor:
-    """`[N, vocab]` logits of the token after `prefix` `[N, L]`, given the images' CoCa embeddings."""
-    out = model(None, prefix, image_latent=image_latent, image_embs=image_embs, output_labels=False)
-    return out["logits"][:, -1]
+    """`[N, vocab]` logits of the token after `prefix` `[N, L]`, given the images' CoCa embeddings.
+
+    The decoder's vocabulary projection is applied to the last position only: the model's forward runs with the
+    projection detached and returns hidden states, and only their last row is projected (the projection over every
+    position of the prefix costs more than the rest of the decoder at a 49408-token vocabulary)."""
+    decoder = model.text_decoder
+    projection = decoder.text_projection
+    decoder.text_projection = None
+    try:
+        out = model(None, prefix, image_latent=image_latent, image_embs=image_embs, output_labels=False)
+    finally:
+        decoder.text_projection = projection
+    last = out["logits"][:, -1]
+    return last @ projection if projection is not None else last
 
 
 def sample_next(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row: temperature, then the nucleus, then a draw from `generator` (on its own device)."""
     filtered = top_p_filter(logits.float() / temperature, top_p)
-    probs = F.softmax(filtered, dim=-1).to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    cdf = F.softmax(filtered, dim=-1).cumsum(dim=-1).to(generator.device)
+    # inverse-CDF sampling: torch.multinomial over a 49408-token vocabulary costs more than the decoder step itself
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    return picked.squeeze(1).to(logits.device)
 
 
 def sample_sequences(model: nn.Module, image_latent: torch.Tensor, image_embs: torch.Tensor, sot: int, eot: int,

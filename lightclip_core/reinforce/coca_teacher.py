@@ -21,7 +21,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import open_clip
 import torch
-from open_clip.loss import CoCaLoss
+from open_clip.loss import ClipLoss, CoCaLoss
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -53,6 +53,22 @@ class TeacherResult:
     metrics: dict[str, float]
     log_path: Path
     model: nn.Module | None = field(default=None, repr=False)  # the trained model, in memory (eval mode)
+
+
+def model_config(c: CocaTeacherConfig) -> dict[str, Any]:
+    """open_clip's model config for a trained teacher of either kind."""
+    return coca_model_config(c) if c.kind == "coca" else clip_model_config(c)
+
+
+def clip_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
+    """open_clip's CLIP config with a timm image tower (randomly initialised) and open_clip's text transformer."""
+    return {
+        "embed_dim": c.embed_dim,
+        "vision_cfg": {"timm_model_name": c.tower, "timm_model_pretrained": False, "timm_pool": "avg",
+                       "timm_proj": "linear", "image_size": c.image_size},
+        "text_cfg": {"context_length": c.context_length, "vocab_size": vocab_size(), "width": c.text_width,
+                     "heads": c.text_heads, "layers": c.text_layers},
+    }
 
 
 def coca_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
@@ -102,8 +118,16 @@ def fresh_build_dir(final: Path) -> Path:
 
 
 def create_from_dir(directory: Path, device: torch.device) -> nn.Module:
-    """A freshly initialised model from an open_clip local-dir's config (the path a teacher is later loaded by)."""
-    return open_clip.create_model(f"local-dir:{directory}", load_weights=False, device=device)
+    """A freshly initialised model from an open_clip local-dir's config (the path a teacher is later loaded by).
+
+    open_clip 3.3 leaves CoCa's decoder vocabulary projection (`text_decoder.text_projection`, `torch.empty`) without
+    initialisation: it holds whatever memory it got (NaN under torch's deterministic mode, huge values at times,
+    which made the caption loss explode). It gets the initialisation open_clip gives the text tower's projection."""
+    model = open_clip.create_model(f"local-dir:{directory}", load_weights=False, device=device, output_dict=True)
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and getattr(decoder, "text_projection", None) is not None:
+        nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    return model
 
 
 def publish_model_dir(model: nn.Module, build: Path, final: Path) -> Path:
@@ -153,8 +177,12 @@ def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW
 
 def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
     out = model(images, tokens)
-    clip_loss, caption_loss = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                                      out["logit_scale"])
+    if isinstance(loss_fn, CoCaLoss):
+        clip_loss, caption_loss = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                          out["logit_scale"])
+    else:
+        clip_loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        caption_loss = torch.zeros_like(clip_loss)
     return clip_loss + caption_loss, clip_loss, caption_loss, out["logit_scale"]
 
 
@@ -170,7 +198,8 @@ def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[f
 def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data.DataLoader, stream: ShardStream,
                 log_path: Path, sink: MetricSink | None, device: torch.device) -> list[dict[str, float]]:
     """`c.steps` optimiser steps; one log row per step (CSV, sink, progress bar)."""
-    loss_fn = CoCaLoss(caption_loss_weight=c.caption_loss_weight, clip_loss_weight=c.clip_loss_weight)
+    loss_fn = (CoCaLoss(caption_loss_weight=c.caption_loss_weight, clip_loss_weight=c.clip_loss_weight)
+               if c.kind == "coca" else ClipLoss())
     optimizer = build_optimizer(model, c)
     scheduler = build_scheduler(optimizer, c.warmup_steps, c.steps)
     rows: list[dict[str, float]] = []
@@ -215,27 +244,28 @@ def _summary(rows: list[dict[str, float]], batch_size: int, wall: float) -> dict
 
 def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        mean: Sequence[float], std: Sequence[float], sink: MetricSink | None = None,
-                       device: str | torch.device | None = None) -> TeacherResult:
-    """Train CoCa on the shards of `train_dir` for `c.steps` steps; publish `out_dir/model/`, log `teacher_log.csv`."""
+                       device: str | torch.device | None = None, name: str = "model") -> TeacherResult:
+    """Train the teacher `c` on the shards of `train_dir` for `c.steps` steps; publish `out_dir/<name>/` and log
+    `out_dir/<name>_log.csv` (`teacher_log.csv` for the first teacher)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    final = out_dir / "model"
+    final = out_dir / name
     build = fresh_build_dir(final)
     try:
-        write_config(build, coca_model_config(c), preprocess_config(c.image_size, mean, std))
+        write_config(build, model_config(c), preprocess_config(c.image_size, mean, std))
         torch.manual_seed(c.seed)
         model = create_from_dir(build, device)
         loader, stream = _loader(c, train_dir, mean, std, device)
-        log.info("training the CoCa teacher (%.2fM parameters) for %d steps, batch %d, on %s",
+        log.info("training the %s teacher %r (%.2fM parameters) for %d steps, batch %d, on %s", c.kind, name,
                  sum(p.numel() for p in model.parameters()) / 1e6, c.steps, c.batch_size, device)
-        log_path = out_dir / "teacher_log.csv"
+        log_path = out_dir / ("teacher_log.csv" if name == "model" else f"{name}_log.csv")
         started = time.perf_counter()
         rows = _train_loop(model, c, loader, stream, log_path, sink, device)
         metrics = _summary(rows, c.batch_size, time.perf_counter() - started)
         publish_model_dir(model, build, final)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    log.info("trained the CoCa teacher: %d steps in %.1f s (%.1f samples/s), final loss %.4f; published %s",
-             len(rows), metrics["wall_time_s"], metrics["samples_per_s"], metrics["final_loss"], final)
+    log.info("trained the %s teacher: %d steps in %.1f s (%.1f samples/s), final loss %.4f; published %s",
+             c.kind, len(rows), metrics["wall_time_s"], metrics["samples_per_s"], metrics["final_loss"], final)
     return TeacherResult(final, metrics, log_path, model)

@@ -73,9 +73,12 @@ class Timer:
 
 
 def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[TeacherSpec], TeacherSpec]:
-    """The ensemble and captioner of params.yaml; where empty, the teacher the `teacher` stage trained."""
+    """The ensemble and captioner of params.yaml; where empty, the teachers the `teacher` stage trained (the CoCa
+    teacher `model/`, which is also the captioner, and `second/` when teacher.second is set)."""
     trained = TeacherSpec(model=f"local-dir:{Path(teacher_dir) / 'model'}") if teacher_dir else None
-    ensemble = list(cfg.teacher.ensemble) or ([trained] if trained else [])
+    second = [TeacherSpec(model=f"local-dir:{Path(teacher_dir) / 'second'}")] if teacher_dir and cfg.teacher.second \
+        else []
+    ensemble = list(cfg.teacher.ensemble) or ([trained, *second] if trained else [])
     captioner = cfg.teacher.captioner or trained
     if not ensemble or captioner is None:
         raise ValueError("teacher.ensemble/teacher.captioner are empty and no --teacher directory was given")
