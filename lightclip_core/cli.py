@@ -106,6 +106,20 @@ def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:
     return {"out": str(result.out_dir), "complete": result.complete, "skipped": result.skipped, **result.metrics}
 
 
+def cmd_index_reinforced(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.reinforce.published import index_reinforced
+
+    data_dir = _existing(args.data, "directory of reinforced shards", "--data")
+    try:
+        manifest = index_reinforced(data_dir, args.dims, args.scales, args.image_size, split=args.split)
+    except ValueError as err:
+        if type(err) is not ValueError:
+            raise
+        raise InputError(str(err)) from None
+    return {"manifest": str(data_dir / "manifest.json"), "num_samples": manifest["num_samples"],
+            "shards": len(manifest["shards"])}
+
+
 def cmd_export(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.export.exporter import export
     from lightclip_core.tracking.mlflow_utils import StageRun
@@ -177,6 +191,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], dict], str]] = 
     "prepare": (cmd_prepare, "generate the synthetic dataset or ingest real data into shards"),
     "teacher": (cmd_teacher, "train the embedded default's own CoCa teacher and captioner"),
     "reinforce": (cmd_reinforce, "reinforce a split: augmentations, synthetic captions, teacher embeddings"),
+    "index-reinforced": (cmd_index_reinforced, "write the manifest of published reinforced shards (DataCompDR)"),
     "train": (cmd_train, "train a CLIP model on prepared (or reinforced) shards"),
     "export": (cmd_export, "fold and export a trained checkpoint (safetensors, torch.export, ONNX), parity-checked"),
     "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
@@ -203,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["reinforce"].add_argument("--out", default="artifacts/reinforced/train")
     parsers["reinforce"].add_argument("--shards", default=None, metavar="START:END",
                                       help="reinforce only these shards of the split (a worker of a fan-out)")
+    parsers["index-reinforced"].add_argument("--data", required=True)
+    parsers["index-reinforced"].add_argument("--dims", type=int, nargs="+", required=True,
+                                             help="each teacher's embedding width, e.g. 768 768 for DataCompDR-12M")
+    parsers["index-reinforced"].add_argument("--scales", type=float, nargs="+", required=True,
+                                             help="each teacher's fixed distillation scale, e.g. 100 100")
+    parsers["index-reinforced"].add_argument("--image-size", type=int, required=True,
+                                             help="the size the stored augmentations were sampled at (224)")
+    parsers["index-reinforced"].add_argument("--split", default="train")
     parsers["train"].add_argument("--data", default="artifacts/reinforced/train")
     parsers["train"].add_argument("--out", default="artifacts/train")
     parsers["export"].add_argument("--checkpoint", default="artifacts/train/final.pt")

@@ -229,3 +229,46 @@ def test_bad_shard_range_and_bad_teacher_are_one_line_errors(base, tmp_path, cap
                  str(broken), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "local-dir" in err[0]
+
+
+def _write_published_layout(src: Path, dst: Path) -> None:
+    """Our reinforced shards rewritten as DataCompDR publishes them: `pth.gz` (gzip of torch.save, bf16) with the
+    separate text-embedding layout, `paug.json` holding a JSON string, and no manifest."""
+    import gzip
+    import io
+
+    dst.mkdir()
+    for shard in shard_paths(src):
+        with open(dst / Path(shard).name, "wb") as f:
+            sink = wds.TarWriter(f, encoder=False)
+            for raw in iter_raw_samples([shard]):
+                r = decode_reinforcement(raw)
+                buffer = io.BytesIO()
+                torch.save({"image_emb": torch.from_numpy(r.image_emb).bfloat16(),
+                            "text_emb": torch.from_numpy(r.text_emb).bfloat16(),
+                            "syn_text_emb": torch.from_numpy(r.syn_text_emb).bfloat16()}, buffer)
+                sink.write({"__key__": raw["__key__"], "png": raw["png"], "txt": raw["txt"], "json": raw["json"],
+                            "paug.json": json.dumps({"param_aug": json.dumps(r.param_aug)}).encode(),
+                            "syn.json": json.dumps({"syn_text": r.syn_texts}).encode(),
+                            "pth.gz": gzip.compress(buffer.getvalue())})
+            sink.close()
+
+
+def test_published_datacompdr_shards_are_indexed_and_trained_on(reinforced, tmp_path, capsys):
+    out, _ = reinforced
+    published = tmp_path / "published"
+    _write_published_layout(out, published)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(TINY))
+    base = ["index-reinforced", "--params", str(params), "--data", str(published), "--scales", "50", "20",
+            "--image-size", "32"]
+    assert main([*base, "--dims", "32", "8"]) == 1  # the shards hold 32 + 16
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "width 48" in err[0] and "40" in err[0]
+    assert not (published / "manifest.json").exists()
+    assert main([*base, "--dims", "32", "16"]) == 0
+    manifest = read_manifest(published)
+    assert manifest["num_samples"] == 40 and manifest["reinforcement"]["dims"] == [32, 16]
+    verify_shards(published)
+    result = train(config(), published, tmp_path / "train")
+    assert result.steps == 3 and "distill_loss" in result.train_log.read_text().splitlines()[0]

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import open_clip
@@ -32,6 +32,7 @@ from lightclip_core.data.shards import ShardStream, decode_image, shard_paths
 from lightclip_core.data.storage import atomic_path, write_json_atomic
 from lightclip_core.data.tokenizer import tokenize, vocab_size
 from lightclip_core.data.transforms import image_transform
+from lightclip_core.train.data import batches
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -149,21 +150,6 @@ class CaptionPairDecoder:
         return self.transform(decode_image(raw)), tokenize(caption, self.context_length)[0]
 
 
-def _batches(loader: torch.utils.data.DataLoader, stream: ShardStream, steps: int) -> Iterator[tuple]:
-    epoch, produced = 0, 0
-    while produced < steps:
-        stream.set_epoch(epoch)
-        before = produced
-        for batch in loader:
-            yield batch
-            produced += 1
-            if produced >= steps:
-                return
-        if produced == before:
-            raise RuntimeError("the training split yields no full batch: lower teacher.train.batch_size")
-        epoch += 1
-
-
 def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, embeddings (token, positional, class) or the temperature."""
     def exempt(name: str, p: torch.Tensor) -> bool:
@@ -208,7 +194,7 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
     with open(log_path, "w", newline="") as log_file, tqdm(total=c.steps, desc="teacher", unit="step") as bar:
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
         writer.writeheader()
-        for step, (images, tokens) in enumerate(_batches(loader, stream, c.steps), start=1):
+        for step, (_, (images, tokens)) in enumerate(batches(loader, stream, c.steps), start=1):
             loss, clip_loss, caption_loss, scale = _step(model, loss_fn, images.to(device), tokens.to(device))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"teacher loss is {loss.item()} at step {step}; nothing was published")
