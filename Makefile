@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-## create the environment, then run the embedded default end to end (prepare -> train -> export -> evaluate -> register)
+## create the environment, then run the embedded default end to end (prepare -> teacher -> reinforce -> train -> export -> evaluate -> register)
 run: $(VENV)/.installed
 	. $(VENV)/bin/activate && dvc repro && dvc push
 

@@ -237,6 +237,15 @@ class DistillObjectiveConfig(_Section):
     lam: float = Field(1.0, ge=0.0, le=1.0, description="L = (1 - lam) * CLIP + lam * KD per caption batch")
     caption_batches: Literal["both", "real", "synthetic"] = Field(
         "both", description="both: L(real captions) + L(synthetic captions) over the same image features")
+    teacher_scales: list[float] | None = Field(
+        None, description="fixed scale s_k per teacher; null: the scales the reinforced split's manifest records")
+
+    @field_validator("teacher_scales")
+    @classmethod
+    def _positive_scales(cls, scales: list[float] | None) -> list[float] | None:
+        if scales is not None and (not scales or min(scales) <= 0):
+            raise ValueError("expected one positive scale per teacher")
+        return scales
 
 
 class ObjectivesConfig(_Section):

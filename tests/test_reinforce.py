@@ -272,3 +272,21 @@ def test_published_datacompdr_shards_are_indexed_and_trained_on(reinforced, tmp_
     verify_shards(published)
     result = train(config(), published, tmp_path / "train")
     assert result.steps == 3 and "distill_loss" in result.train_log.read_text().splitlines()[0]
+
+
+def test_distillation_scales_come_from_the_manifest_unless_overridden():
+    from lightclip_core.config import ConfigError
+    from lightclip_core.losses.build import build_objectives
+    from lightclip_core.models import build_model
+
+    reinforcement = {"dims": [32, 16], "scales": [13.5, 14.0]}
+    cfg = config()
+    model = build_model(cfg.model)
+    assert build_objectives(cfg, model, reinforcement)[-1].scales == [13.5, 14.0]
+    override = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0, 50.0]}})
+    assert build_objectives(override, model, reinforcement)[-1].scales == [100.0, 50.0]
+    wrong = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0]}})
+    with pytest.raises(ConfigError, match="objectives.distill.teacher_scales"):
+        build_objectives(wrong, model, reinforcement)
+    with pytest.raises(ConfigError, match="not reinforced"):
+        build_objectives(cfg, model, None)

@@ -129,6 +129,11 @@ def decode_image(raw: dict[str, Any]):
     raise KeyError(f"sample {raw.get('__key__')!r} has no image (keys: {sorted(raw)})")
 
 
+def decode_caption(raw: dict[str, Any]) -> str:
+    """The caption (`txt`) of a raw sample as text."""
+    return raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
+
+
 def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return json.loads(raw["json"]) if "json" in raw else {}
 

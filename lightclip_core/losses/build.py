@@ -54,8 +54,12 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
         if reinforcement is None:
             raise ConfigError("objectives.distill.enabled=true: the training split is not reinforced; run "
                               "`lightclip reinforce` or set objectives.distill.enabled=false")
-        objectives.append(DistillationObjective(reinforcement["dims"], reinforcement["scales"], d.lam,
-                                                d.caption_batches, weight=d.weight))
+        scales = d.teacher_scales or reinforcement["scales"]
+        if len(scales) != len(reinforcement["dims"]):
+            raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
+                              f"{len(reinforcement['dims'])} teachers")
+        objectives.append(DistillationObjective(reinforcement["dims"], scales, d.lam, d.caption_batches,
+                                                weight=d.weight))
     return nn.ModuleList(objectives)
 
 

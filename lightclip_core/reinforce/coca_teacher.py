@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lightclip_core.config import CocaTeacherConfig
 from lightclip_core.data.prepare import swap_in
-from lightclip_core.data.shards import ShardStream, decode_image, shard_paths
+from lightclip_core.data.shards import ShardStream, decode_caption, decode_image, shard_paths
 from lightclip_core.data.storage import atomic_path, write_json_atomic
 from lightclip_core.data.tokenizer import tokenize, vocab_size
 from lightclip_core.data.transforms import image_transform
@@ -146,8 +146,7 @@ class CaptionPairDecoder:
         self.context_length = context_length
 
     def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        caption = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
-        return self.transform(decode_image(raw)), tokenize(caption, self.context_length)[0]
+        return self.transform(decode_image(raw)), tokenize(decode_caption(raw), self.context_length)[0]
 
 
 def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from lightclip_core.config import Config, TeacherSpec
 from lightclip_core.data.augment import ReplayableAugment, sample_generator
 from lightclip_core.data.reinforced import encode_reinforcement
-from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, decode_image, iter_raw_samples, read_manifest)
+from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples,
+                                         read_manifest)
 from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
 from lightclip_core.reinforce.captioner import Captioner
 from lightclip_core.reinforce.teachers import TeacherEnsemble
@@ -147,7 +148,7 @@ class ShardReinforcer:
         views = [self._views(raw["__key__"], image) for raw, image in zip(raws, images)]
         image_emb = self._embed_images([v for _, v in views]).reshape(len(raws), n, -1)
         syn = self._captions(images, generator)
-        texts = [t for raw, caps in zip(raws, syn) for t in [_caption(raw), *caps]]
+        texts = [t for raw, caps in zip(raws, syn) for t in [decode_caption(raw), *caps]]
         text_emb = self._embed_texts(texts).reshape(len(raws), 1 + self.r.num_captions, -1)
         out = []
         for i, raw in enumerate(raws):
@@ -185,10 +186,6 @@ class ShardReinforcer:
             sink.write(sample)
         bar.update(len(raws))
         return len(raws)
-
-
-def _caption(raw: dict[str, Any]) -> str:
-    return raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
 
 
 @contextlib.contextmanager

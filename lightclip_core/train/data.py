@@ -21,15 +21,12 @@ from torchvision.transforms import functional as TF
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.augment import AugParams, ReplayableAugment
 from lightclip_core.data.reinforced import ReinforcementError, decode_reinforcement
-from lightclip_core.data.shards import ShardStream, decode_image, iter_raw_samples, read_manifest, shard_paths
+from lightclip_core.data.shards import (ShardStream, decode_caption, decode_image, iter_raw_samples, read_manifest,
+                                         shard_paths)
 from lightclip_core.data.tokenizer import tokenize
 from lightclip_core.data.transforms import image_transform
 
 EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_syn_text_emb")
-
-
-def _caption(raw: dict[str, Any]) -> str:
-    return raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
 
 
 class PairDecoder:
@@ -43,7 +40,7 @@ class PairDecoder:
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"images": self.transform(decode_image(raw)),
-                "tokens": tokenize(_caption(raw), self.context_length)[0]}
+                "tokens": tokenize(decode_caption(raw), self.context_length)[0]}
 
 
 class ReinforcedDecoder(PairDecoder):
@@ -76,7 +73,7 @@ class ReinforcedDecoder(PairDecoder):
         image = TF.normalize(TF.to_tensor(view), self.mean, self.std)
         return {
             "images": image,
-            "tokens": tokenize(_caption(raw), self.context_length)[0],
+            "tokens": tokenize(decode_caption(raw), self.context_length)[0],
             "syn_tokens": tokenize(r.syn_texts[j], self.context_length)[0],
             "teacher_image_emb": torch.from_numpy(r.image_emb[a]),
             "teacher_text_emb": torch.from_numpy(r.text_emb[0]),
