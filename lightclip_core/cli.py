@@ -93,7 +93,9 @@ def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.tracking.mlflow_utils import StageRun
 
     data_dir = _existing(args.data, "split to reinforce", "--data")
-    teacher_dir = _existing(args.teacher, "teacher directory", "--teacher") if args.teacher else None
+    needs_trained = not cfg.teacher.ensemble or cfg.teacher.captioner is None  # else pretrained teachers only
+    teacher_dir = _existing(args.teacher, "teacher directory", "--teacher") if needs_trained and args.teacher \
+        else None
     try:
         shards = parse_shard_range(args.shards, len(read_manifest(data_dir)["shards"]))
     except ValueError as err:

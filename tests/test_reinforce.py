@@ -290,3 +290,22 @@ def test_distillation_scales_come_from_the_manifest_unless_overridden():
         build_objectives(wrong, model, reinforcement)
     with pytest.raises(ConfigError, match="not reinforced"):
         build_objectives(cfg, model, None)
+
+
+def test_configured_teachers_need_no_trained_teacher_directory(base, tmp_path, capsys):
+    """With teacher.ensemble and teacher.captioner set (as for pretrained models), --teacher is not read."""
+    raw = json.loads(json.dumps(TINY))
+    raw["teacher"]["ensemble"] = [{"model": f"local-dir:{base / 'teacher' / 'second'}", "logit_scale": 100.0}]
+    raw["teacher"]["captioner"] = {"model": f"local-dir:{base / 'teacher' / 'model'}"}
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(raw))
+    args = ["reinforce", "--params", str(params), "--data", str(base / "data" / "train"), "--out",
+            str(tmp_path / "out"), "--shards", "2:3"]
+    assert main([*args, "--teacher", str(tmp_path / "absent")]) == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["reinforcement"]["dims"] == [16] and manifest["reinforcement"]["scales"] == [100.0]
+    assert [s["url"] for s in manifest["shards"]] == ["train-000002.tar"] and not manifest["reinforcement"]["complete"]
+    params.write_text(json.dumps(TINY))  # the trained teachers are needed, and their directory is missing
+    capsys.readouterr()
+    assert main([*args, "--teacher", str(tmp_path / "absent")]) == 2
+    assert "--teacher" in capsys.readouterr().err

@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from lightclip_core.config import Config, TeacherSpec
+from lightclip_core.config import Config, ConfigError, TeacherSpec
 from lightclip_core.data.augment import ReplayableAugment, sample_generator
 from lightclip_core.data.reinforced import encode_reinforcement
 from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples,
@@ -82,7 +82,8 @@ def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[Tea
     ensemble = list(cfg.teacher.ensemble) or ([trained, *second] if trained else [])
     captioner = cfg.teacher.captioner or trained
     if not ensemble or captioner is None:
-        raise ValueError("teacher.ensemble/teacher.captioner are empty and no --teacher directory was given")
+        raise ConfigError("teacher.ensemble/teacher.captioner: empty, and no --teacher directory of trained "
+                          "teachers was given")
     return ensemble, captioner
 
 
