@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import requests
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -86,3 +87,13 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The machine is shared: one intra-op thread for the module's tests, restored afterwards
+    (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ SYNTHETIC = ["a round red shape on blue", "green shapes and a yellow star", "a v
 DIMS, SCALES = [8, 12], [100.0, 50.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:

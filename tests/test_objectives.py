@@ -58,19 +58,13 @@ CAPTIONS = [
 SOT, EOT = special_token_ids()["sot"], special_token_ids()["eot"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def config(**objectives: dict) -> Config:
     """TINY with some objective sections replaced (merged into the defaults of TINY's objectives)."""
     merged = {name: {**OBJECTIVES[name], **objectives.get(name, {})} for name in OBJECTIVES}
     return Config.model_validate({**TINY, "objectives": merged})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -28,11 +28,10 @@ from tqdm import tqdm
 
 from lightclip_core.config import CocaTeacherConfig
 from lightclip_core.data.prepare import swap_in
-from lightclip_core.data.shards import ShardStream, decode_caption, decode_image, shard_paths
+from lightclip_core.data.shards import ShardStream, shard_paths
 from lightclip_core.data.storage import atomic_path, write_json_atomic
-from lightclip_core.data.tokenizer import tokenize, vocab_size
-from lightclip_core.data.transforms import image_transform
-from lightclip_core.train.data import batches
+from lightclip_core.data.tokenizer import vocab_size
+from lightclip_core.train.data import PairDecoder, batches
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -74,10 +73,7 @@ def clip_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
 
 def coca_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
     """open_clip's model config for `c`, shaped like its `coca_ViT-B-32.json`. The text tokens, the attentional
-    pooler's image tokens and the decoder share one width, so `text_width` must equal `embed_dim`."""
-    if c.text_width != c.embed_dim:
-        raise ValueError(f"teacher.train.text_width={c.text_width} must equal teacher.train.embed_dim={c.embed_dim}: "
-                         "CoCa's decoder reads text tokens and pooled image tokens at one width")
+    pooler's image tokens and the decoder share one width (CocaTeacherConfig checks `text_width == embed_dim`)."""
     grid = c.image_size // c.patch_size
     vocab = vocab_size()
     return {
@@ -138,17 +134,6 @@ def publish_model_dir(model: nn.Module, build: Path, final: Path) -> Path:
     return final
 
 
-class CaptionPairDecoder:
-    """Raw WebDataset sample -> (normalised image tensor, token ids of its caption)."""
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], context_length: int):
-        self.transform = image_transform(image_size, mean, std, INTERPOLATION)
-        self.context_length = context_length
-
-    def __call__(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(decode_image(raw)), tokenize(decode_caption(raw), self.context_length)[0]
-
-
 def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, embeddings (token, positional, class) or the temperature."""
     def exempt(name: str, p: torch.Tensor) -> bool:
@@ -173,8 +158,8 @@ def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: to
 
 def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[float], std: Sequence[float],
             device: torch.device) -> tuple[torch.utils.data.DataLoader, ShardStream]:
-    stream = ShardStream(shard_paths(train_dir), CaptionPairDecoder(c.image_size, mean, std, c.context_length),
-                         seed=c.seed)
+    decoder = PairDecoder(c.image_size, mean, std, INTERPOLATION, c.context_length)
+    stream = ShardStream(shard_paths(train_dir), decoder, seed=c.seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=c.batch_size, drop_last=True,
                                          pin_memory=device.type == "cuda")
     return loader, stream
@@ -193,8 +178,9 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
     with open(log_path, "w", newline="") as log_file, tqdm(total=c.steps, desc="teacher", unit="step") as bar:
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
         writer.writeheader()
-        for step, (_, (images, tokens)) in enumerate(batches(loader, stream, c.steps), start=1):
-            loss, clip_loss, caption_loss, scale = _step(model, loss_fn, images.to(device), tokens.to(device))
+        for step, (_, batch) in enumerate(batches(loader, stream, c.steps), start=1):
+            loss, clip_loss, caption_loss, scale = _step(model, loss_fn, batch["images"].to(device),
+                                                         batch["tokens"].to(device))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"teacher loss is {loss.item()} at step {step}; nothing was published")
             optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torchvision.transforms import functional as TF
@@ -32,11 +32,18 @@ EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_sy
 class PairDecoder:
     """Raw WebDataset sample -> {images, tokens}; runs in DataLoader workers."""
 
-    def __init__(self, cfg: Config):
-        img = cfg.model.image
-        self.transform = image_transform(img.size, img.mean, img.std, img.interpolation)
-        self.context_length = cfg.model.text.context_length
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], interpolation: str,
+                 context_length: int):
+        self.size, self.mean, self.std, self.interpolation = size, list(mean), list(std), interpolation
+        self.transform = image_transform(size, mean, std, interpolation)
+        self.context_length = context_length
         self.epoch = 0
+
+    @classmethod
+    def for_model(cls, cfg: Config) -> PairDecoder:
+        """The decoder of the student `cfg.model` trains (its image size, normalisation and context length)."""
+        img = cfg.model.image
+        return cls(img.size, img.mean, img.std, img.interpolation, cfg.model.text.context_length)
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"images": self.transform(decode_image(raw)),
@@ -48,12 +55,11 @@ class ReinforcedDecoder(PairDecoder):
     size, the ground-truth caption, one synthetic caption, and the teacher embeddings that belong to them."""
 
     def __init__(self, cfg: Config, reinforcement: dict[str, Any]):
-        super().__init__(cfg)
         img = cfg.model.image
-        self.size, self.mean, self.std = img.size, list(img.mean), list(img.std)
+        super().__init__(img.size, img.mean, img.std, img.interpolation, cfg.model.text.context_length)
         self.reference_size = int(reinforcement["image_size"])
         self.width = int(sum(reinforcement["dims"]))
-        self.augment = ReplayableAugment(self.size, interpolation=img.interpolation)
+        self.augment = ReplayableAugment(self.size, interpolation=self.interpolation)
         self.seed = cfg.train.seed
 
     def _rng(self, key: str) -> random.Random:
@@ -101,7 +107,7 @@ def make_loader(cfg: Config, train_dir: str | Path) -> tuple[torch.utils.data.Da
     if cfg.objectives.distill.enabled:
         decoder: PairDecoder = ReinforcedDecoder(cfg, require_reinforcement(train_dir))
     else:
-        decoder = PairDecoder(cfg)
+        decoder = PairDecoder.for_model(cfg)
     stream = EpochStream(shard_paths(train_dir), decoder, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=t.batch_size, num_workers=t.workers, drop_last=True,
