@@ -115,26 +115,11 @@ def registered(root, coca_dir) -> dict[str, Path]:
     return {"coca": coca_dir / ct.WEIGHTS_FILE, "clip": root / "clip.safetensors"}
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3(s3_server, monkeypatch):
+def s3(s3_env):
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    client = boto3.client("s3", endpoint_url=s3_server)
+    client = boto3.client("s3", endpoint_url=s3_env)
     client.create_bucket(Bucket="teachers")
     yield client
     for obj in client.list_objects_v2(Bucket="teachers").get("Contents", []):
