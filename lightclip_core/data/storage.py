@@ -1,6 +1,11 @@
-"""File publication that a reader never sees half-done: write to a temporary name, then rename.
+"""One storage layer for local paths and `s3://bucket/key` URIs (DESIGN.md section 3): a reader never sees a file
+half-done.
 
-URLs are local paths today; `s3://` support lands behind these same functions (DESIGN.md section 3).
+Locally a file is written under a temporary name next to its final name and renamed. On S3 one PUT, or a multipart
+upload, is atomic by itself: the object appears only when complete. A directory (a split, a checkpoint) is published
+with `publish_dir`, which writes its manifest last, so a reader that starts from the manifest never finds a file it
+names missing. The S3 details (client, retries, timeouts, multipart, errors) live in `lightclip_core.data.s3`.
+S3 URIs are plain strings: `Path("s3://b/k")` collapses the `//`, so never wrap one in a Path.
 """
 from __future__ import annotations
 
@@ -8,9 +13,17 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from lightclip_core.data import s3
+from lightclip_core.data.s3 import ObjectStat, is_s3, split_s3
+
+__all__ = ["ObjectStat", "atomic_path", "delete", "download_file", "exists", "fetch_to_local", "is_s3", "join",
+           "list_files", "publish_dir", "read_bytes", "read_json", "read_versioned_json", "s3_client", "sha256_file",
+           "split_s3", "stat", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
 def _default_file_mode() -> int:
@@ -20,6 +33,7 @@ def _default_file_mode() -> int:
 
 
 _FILE_MODE = _default_file_mode()
+_TMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
@@ -27,7 +41,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it onto `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -40,13 +54,83 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+# ------------------------------------------------------------------------------------------------ one file
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`base/part/...` for a local directory or an S3 prefix."""
+    if not is_s3(base):
+        return str(Path(base, *parts))
+    pieces = [p.strip("/") for p in parts if p.strip("/")]
+    return "/".join([str(base).rstrip("/"), *pieces]) if pieces else str(base)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """A file or directory; on S3 an object or a non-empty prefix."""
+    return s3.exists(str(uri)) if is_s3(uri) else Path(uri).exists()
+
+
+def stat(uri: str | os.PathLike) -> ObjectStat | None:
+    """Size and version tag (S3 ETag; None locally) of a file or object, None if there is none."""
+    if is_s3(uri):
+        return s3.stat(str(uri))
+    path = Path(uri)
+    return ObjectStat(path.stat().st_size, None) if path.is_file() else None
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    if is_s3(uri):
+        return s3.read_bytes(str(uri))
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(uri))
+
+
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:
+    if is_s3(final):
+        s3.write_bytes(str(final), data)
+        return
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)
 
 
 def write_json_atomic(final: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def upload_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy a local file to `uri`; the destination shows the whole file or nothing (multipart above a threshold
+    on S3, see `lightclip_core.data.s3`)."""
+    if not Path(local_path).is_file():
+        raise FileNotFoundError(f"{local_path}: no such file")
+    if is_s3(uri):
+        s3.upload_file(local_path, str(uri))
+        return
+    with atomic_path(uri) as tmp:
+        shutil.copyfile(local_path, tmp)
+
+
+def download_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
+    """Copy `uri` to a local file, atomically: `local_path` holds the old content or the whole new one."""
+    if not is_s3(uri) and not Path(uri).is_file():
+        raise FileNotFoundError(f"{uri}: no such file")
+    with atomic_path(local_path) as tmp:
+        if is_s3(uri):
+            s3.download_file(str(uri), tmp)
+        else:
+            shutil.copyfile(uri, tmp)
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Delete one file or object; an absent one is not an error (as on S3)."""
+    if is_s3(uri):
+        s3.delete(str(uri))
+        return
+    with contextlib.suppress(FileNotFoundError):
+        Path(uri).unlink()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -59,39 +143,59 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_versioned_json(path: str | os.PathLike, version_key: str, expected: int, missing_hint: str) -> dict[str, Any]:
     """Read a JSON contract file (a manifest, an export config) and check its format version."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {path.parent}: {missing_hint}")
-    content = json.loads(path.read_text())
+    found = s3.stat(str(path)) is not None if is_s3(path) else Path(path).is_file()
+    if not found:
+        parent, _, name = str(path).rpartition("/") if is_s3(path) else (Path(path).parent, "", Path(path).name)
+        raise FileNotFoundError(f"no {name} in {parent}: {missing_hint}")
+    content = read_json(path)
     if content.get(version_key) != expected:
         raise ValueError(f"{path}: {version_key} {content.get(version_key)!r}, expected {expected}")
     return content
+
+
+# ------------------------------------------------------------------------------------------------ directories
+def list_files(prefix_uri: str | os.PathLike) -> list[str]:
+    """Names (relative, `/`-separated, sorted) of every file under a directory or S3 prefix, recursively; an absent
+    directory or empty prefix gives []."""
+    if is_s3(prefix_uri):
+        return sorted(s3.list_objects(str(prefix_uri)))
+    root = Path(prefix_uri)
+    if root.is_file():
+        raise NotADirectoryError(f"{prefix_uri}: a file, not a directory")
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def publish_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, last: Iterable[str] = ("manifest.json",)
+                ) -> list[str]:
+    """Copy every file of `local_dir` to the directory or prefix `uri`, each one atomically, the files named in
+    `last` (matched by file name, at any depth, in that order) after all others: a reader that trusts the manifest
+    never sees it name a file that is not there yet. Temporary files of `atomic_path` are not published.
+    Returns the published names in publication order."""
+    last = list(last)
+    names = [n for n in list_files(local_dir) if not _is_temporary(n)]
+    if not names and not Path(local_dir).is_dir():
+        raise FileNotFoundError(f"{local_dir}: no such directory")
+    rank = {name: i for i, name in enumerate(last)}
+    order = sorted(names, key=lambda n: (rank.get(n.rpartition("/")[2], -1), n))
+    if not is_s3(uri) and Path(uri).resolve() == Path(local_dir).resolve():
+        return order
+    for name in order:
+        upload_file(Path(local_dir, name), join(uri, name))
+    return order
+
+
+def _is_temporary(name: str) -> bool:
+    base = name.rpartition("/")[2]
+    return base.startswith(".") and base.endswith(_TMP_SUFFIX)
 
 
 # ------------------------------------------------------------------------------------------------ s3:// inputs
 _ETAG_SUFFIX = ".etag"
 
 
-def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key); the key may be empty or end with `/` (a prefix)."""
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"{uri!r}: expected s3://bucket/key")
-    return bucket, key
-
-
 def s3_client():
-    """A boto3 S3 client. The endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, Ceph, moto) and
-    the credentials from boto3's own chain (environment variables, web identity, instance role): never from
-    parameters, and never logged."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    """The boto3 S3 client of the current environment (endpoint, credentials, retries: `lightclip_core.data.s3`)."""
+    return s3.client()
 
 
 def fetch_to_local(uri: str, cache_dir: str | os.PathLike) -> Path:
@@ -105,14 +209,12 @@ def fetch_to_local(uri: str, cache_dir: str | os.PathLike) -> Path:
         return path
     bucket, key = split_s3(uri)
     root = Path(cache_dir) / bucket
-    client = s3_client()
     if key == "" or key.endswith("/"):
-        return _fetch_prefix(client, uri, bucket, key, root)
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except Exception as err:
-        raise _not_found(uri, err) from err
-    return _fetch_object(client, bucket, key, _inside(root, key), head["ContentLength"], head["ETag"])
+        return _fetch_prefix(uri, key, root)
+    found = s3.stat(uri)
+    if found is None:
+        raise FileNotFoundError(f"{uri}: no such object")
+    return _fetch_object(uri, _inside(root, key), found)
 
 
 def _inside(root: Path, key: str) -> Path:
@@ -123,44 +225,38 @@ def _inside(root: Path, key: str) -> Path:
     return target
 
 
-def _not_found(uri: str, err: Exception) -> Exception:
-    code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-    if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-        return FileNotFoundError(f"{uri}: no such object")
-    return OSError(f"{uri}: {type(err).__name__}: {err}")
-
-
 def _etag_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{_ETAG_SUFFIX}")
 
 
-def _fetch_object(client, bucket: str, key: str, target: Path, size: int, etag: str) -> Path:
+def _fetch_object(uri: str, target: Path, found: ObjectStat) -> Path:
     """Download one object unless `target` already holds it (same size, same recorded ETag)."""
     sidecar = _etag_path(target)
-    if (target.is_file() and target.stat().st_size == size and sidecar.is_file()
-            and sidecar.read_text() == etag):
+    if (target.is_file() and target.stat().st_size == found.size and sidecar.is_file()
+            and sidecar.read_text() == found.etag):
         return target
-    with atomic_path(target) as tmp:
-        client.download_file(bucket, key, str(tmp))
-    write_bytes_atomic(sidecar, etag.encode())
+    download_file(uri, target)
+    write_bytes_atomic(sidecar, found.etag.encode())
     return target
 
 
-def _fetch_prefix(client, uri: str, bucket: str, prefix: str, root: Path) -> Path:
-    """Download every object under `prefix`; local files no longer listed are removed."""
+def _fetch_prefix(uri: str, prefix: str, root: Path) -> Path:
+    """Download every object under `prefix`; local files no longer listed are removed (several tasks may share the
+    cache: downloads in flight are left alone)."""
     target_dir = _inside(root, prefix) if prefix else root.resolve()
-    wanted: set[Path] = set()
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        objects = [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-    except Exception as err:
-        raise _not_found(uri, err) from err
+    objects = s3.list_objects(uri)
     if not objects:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
-    for obj in objects:
+    wanted: set[Path] = set()
+    for name, obj in objects.items():
         path = _inside(root, obj["Key"])
         wanted.update({path, _etag_path(path)})
-        _fetch_object(client, bucket, obj["Key"], path, obj["Size"], obj["ETag"])
-    for stale in [p for p in target_dir.rglob("*") if p.is_file() and p not in wanted]:
-        stale.unlink()
+        _fetch_object(join(uri, name), path, ObjectStat(obj["Size"], obj["ETag"]))
+    for stale in [p for p in target_dir.rglob("*") if p.is_file() and p not in wanted and not _in_flight(p)]:
+        stale.unlink(missing_ok=True)
     return target_dir
+
+
+def _in_flight(path: Path) -> bool:
+    """A temporary file of a download still running (this or another task sharing the cache): never stale."""
+    return path.name.startswith(".") and ".tmp" in path.name

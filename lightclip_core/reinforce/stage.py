@@ -3,10 +3,17 @@ teacher ensemble's embeddings of each view, synthetic captions and the teachers'
 DataCompDR layout (`paug.json`, `syn.json`, `npz`) next to the original members.
 
 The stage works shard by shard. A shard is written under a temporary name and renamed, then its entry file
-(`.entries/<shard>.json`: sample count, sha256, skipped samples, fingerprint) is written; the manifest is rebuilt
-from the entries last. A shard whose entry carries the current fingerprint (parameters, teachers, source sha256) and
-whose file still has the recorded sha256 is skipped, so a rerun after a crash redoes only what is missing, and a
-`shard_range` lets several workers (the Kubeflow fan-out) reinforce disjoint shard groups of one split.
+(`.entries/<shard>.json`: sample count, sha256, skipped samples, fingerprint, the teacher specs and the run's
+reinforcement description) is written; the manifest is rebuilt from the entries last. A shard whose entry carries the current fingerprint
+(parameters, teachers, source sha256) and whose file is still the one recorded is skipped, so a rerun after a crash
+redoes only what is missing, and a `shard_range` lets several workers (the Kubeflow fan-out) reinforce disjoint shard
+groups of one split.
+
+Source and output may be `s3://` prefixes. A source shard is then downloaded (and checked against the manifest's
+sha256) just before it is reinforced; a reinforced shard is written locally, uploaded, and only then is its entry
+written, which also records the object's size and ETag (the intactness check on S3, instead of re-hashing). There is
+no file lock on S3: fan-out workers run with `publish=False` and one join step calls `publish_reinforced`, which
+needs no teacher weights (the entries carry what the manifest records about the teachers).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,9 +37,9 @@ from tqdm import tqdm
 from lightclip_core.config import Config, ConfigError, TeacherSpec
 from lightclip_core.data.augment import ReplayableAugment, sample_generator
 from lightclip_core.data.reinforced import encode_reinforcement
-from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples,
-                                         read_manifest)
-from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
+from lightclip_core.data import storage
+from lightclip_core.data.shards import MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples
+from lightclip_core.data.storage import atomic_path, is_s3, join, sha256_file, write_json_atomic
 from lightclip_core.reinforce.captioner import Captioner
 from lightclip_core.reinforce.teachers import TeacherEnsemble
 
@@ -47,12 +55,12 @@ class MetricSink(Protocol):
 
 @dataclass
 class ReinforceResult:
-    out_dir: Path
+    out_dir: Path | str  # a str for an s3:// prefix
     shards_written: int
     shards_reused: int
     samples: int
     skipped: dict[str, int]
-    complete: bool
+    complete: bool | None  # None when the manifest was not published (publish=False)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,8 +84,8 @@ class Timer:
 def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[TeacherSpec], TeacherSpec]:
     """The ensemble and captioner of params.yaml; where empty, the teachers the `teacher` stage trained (the CoCa
     teacher `model/`, which is also the captioner, and `second/` when teacher.second is set)."""
-    trained = TeacherSpec(model=f"local-dir:{Path(teacher_dir) / 'model'}") if teacher_dir else None
-    second = [TeacherSpec(model=f"local-dir:{Path(teacher_dir) / 'second'}")] if teacher_dir and cfg.teacher.second \
+    trained = TeacherSpec(model=f"local-dir:{join(teacher_dir, 'model')}") if teacher_dir else None
+    second = [TeacherSpec(model=f"local-dir:{join(teacher_dir, 'second')}")] if teacher_dir and cfg.teacher.second \
         else []
     ensemble = list(cfg.teacher.ensemble) or ([trained, *second] if trained else [])
     captioner = cfg.teacher.captioner or trained
@@ -89,8 +97,12 @@ def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[Tea
 
 def fingerprint(cfg: Config, ensemble: TeacherEnsemble, captioner_spec: TeacherSpec, source_sha256: str) -> str:
     """What a reinforced shard depends on: its source bytes, the reinforcement parameters and the teachers."""
-    content = {"reinforce": cfg.reinforce.model_dump(mode="json"), "teachers": ensemble.describe(),
-               "captioner": captioner_spec.model_dump(mode="json"), "source": source_sha256}
+    return _fingerprint(cfg, ensemble.describe(), captioner_spec.model_dump(mode="json"), source_sha256)
+
+
+def _fingerprint(cfg: Config, teachers: list[dict[str, Any]], captioner: dict[str, Any], source_sha256: str) -> str:
+    content = {"reinforce": cfg.reinforce.model_dump(mode="json"), "teachers": teachers, "captioner": captioner,
+               "source": source_sha256}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -190,10 +202,13 @@ class ShardReinforcer:
 
 
 @contextlib.contextmanager
-def _manifest_lock(out_dir: Path) -> Iterator[None]:
+def _manifest_lock(out_dir: Path | str) -> Iterator[None]:
     """Serialises manifest rebuilds of workers sharing one output directory (a file lock: local or shared POSIX
-    file systems; on object storage the DAG's join step publishes the manifest once)."""
-    with open(out_dir / ".manifest.lock", "a") as handle:
+    file systems; on object storage the DAG's join step publishes the manifest once, see `publish_reinforced`)."""
+    if is_s3(out_dir):
+        yield
+        return
+    with open(Path(out_dir) / ".manifest.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -201,23 +216,29 @@ def _manifest_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _entry_path(out_dir: Path, shard_url: str) -> Path:
-    return out_dir / ENTRIES / f"{shard_url}.json"
+def _entry_path(out_dir: Path | str, shard_url: str) -> str:
+    return join(out_dir, ENTRIES, f"{shard_url}.json")
 
 
-def _current_entry(out_dir: Path, shard_url: str, expected: str) -> dict[str, Any] | None:
-    """The shard's entry if it was reinforced with the current fingerprint and its file is intact."""
-    path = _entry_path(out_dir, shard_url)
-    if not path.is_file():
+def _current_entry(out_dir: Path | str, shard_url: str, expected: str) -> dict[str, Any] | None:
+    """The shard's entry if it was reinforced with the current fingerprint and its file is intact: the recorded
+    sha256 locally, the recorded size and ETag of the uploaded object on S3."""
+    try:
+        entry = storage.read_json(_entry_path(out_dir, shard_url))
+    except FileNotFoundError:
         return None
-    entry = json.loads(path.read_text())
-    shard = out_dir / shard_url
-    if entry.get("fingerprint") != expected or not shard.is_file() or sha256_file(shard) != entry["sha256"]:
+    if entry.get("fingerprint") != expected:
         return None
-    return entry
+    shard = join(out_dir, shard_url)
+    if is_s3(out_dir):
+        found = storage.stat(shard)
+        intact = found is not None and (found.size, found.etag) == (entry.get("size"), entry.get("etag"))
+    else:
+        intact = Path(shard).is_file() and sha256_file(shard) == entry["sha256"]
+    return entry if intact else None
 
 
-def publish_manifest(out_dir: Path, source: dict[str, Any], prints: dict[str, str],
+def publish_manifest(out_dir: Path | str, source: dict[str, Any], prints: dict[str, str],
                      reinforcement: dict[str, Any]) -> dict[str, Any]:
     """Rebuild `manifest.json` from the entries that carry the current fingerprints, in source order. The split is
     `complete` when every source shard has one; a trainer that distils refuses an incomplete split."""
@@ -236,8 +257,42 @@ def publish_manifest(out_dir: Path, source: dict[str, Any], prints: dict[str, st
             "params": source.get("params", {}), "tasks": source.get("tasks", {}), "skipped": dict(skipped),
             "reinforcement": {**reinforcement, "complete": missing == 0, "missing_shards": missing},
         }
-        write_json_atomic(out_dir / MANIFEST, manifest)
+        write_json_atomic(join(out_dir, MANIFEST), manifest)
     return manifest
+
+
+def publish_reinforced(cfg: Config, data_dir: Path | str, out_dir: Path | str,
+                       teacher_dir: Path | str | None = None) -> dict[str, Any]:
+    """The join step after a fan-out of `reinforce(..., publish=False)` workers: publish the manifest of `out_dir`
+    once, from the entries, without loading any teacher. An entry counts when its fingerprint is the one of the
+    current parameters, of the teachers `cfg` (and `teacher_dir`) name and of its source shard. Raises
+    FileNotFoundError when no shard has been reinforced with them."""
+    source = _read_manifest(data_dir)
+    specs, captioner_spec = default_specs(cfg, teacher_dir)
+    wanted = _specs_record(specs)
+    captioner = captioner_spec.model_dump(mode="json")
+    for s in source["shards"]:
+        try:
+            entry = storage.read_json(_entry_path(out_dir, s["url"]))
+        except FileNotFoundError:
+            continue
+        described = entry.get("reinforcement")
+        if described is None or entry.get("teacher_specs") != wanted or described["captioner"] != captioner:
+            continue
+        prints = {u["url"]: _fingerprint(cfg, described["teachers"], captioner, u["sha256"]) for u in source["shards"]}
+        if _current_entry(out_dir, s["url"], prints[s["url"]]) is not None:
+            return publish_manifest(out_dir, source, prints, described)
+    raise FileNotFoundError(f"{out_dir}: no shard of {data_dir} is reinforced with the current parameters and "
+                            f"teachers; run `lightclip reinforce` first")
+
+
+def _specs_record(specs: list[TeacherSpec]) -> list[dict[str, Any]]:
+    return [spec.model_dump(mode="json") for spec in specs]
+
+
+def _read_manifest(data_dir: Path | str) -> dict[str, Any]:
+    return storage.read_versioned_json(join(data_dir, MANIFEST), "schema_version", SCHEMA_VERSION,
+                                       "run `lightclip prepare` first")
 
 
 def parse_shard_range(text: str | None, count: int) -> range:
@@ -256,14 +311,21 @@ def parse_shard_range(text: str | None, count: int) -> range:
 
 def reinforce(cfg: Config, data_dir: str | Path, out_dir: str | Path, teacher_dir: str | Path | None = None,
               shard_range: range | None = None, sink: MetricSink | None = None,
-              cache_dir: str | Path | None = None) -> ReinforceResult:
-    """Reinforce the shards `shard_range` (default: all) of the split in `data_dir` into `out_dir`."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    source = read_manifest(data_dir)
+              cache_dir: str | Path | None = None, publish: bool = True) -> ReinforceResult:
+    """Reinforce the shards `shard_range` (default: all) of the split in `data_dir` into `out_dir` (either may be an
+    `s3://` prefix), then publish the manifest. Fan-out workers writing to S3 pass `publish=False` and leave the
+    manifest to one `publish_reinforced` call. `cache_dir` holds downloaded teachers and, for S3, a scratch
+    directory of the shards in flight (default: next to a local `out_dir`, else the system temp directory)."""
+    data_dir = str(data_dir) if is_s3(data_dir) else Path(data_dir)
+    out_dir = str(out_dir) if is_s3(out_dir) else Path(out_dir)
+    source = _read_manifest(data_dir)
     indices = shard_range if shard_range is not None else range(len(source["shards"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ENTRIES).mkdir(exist_ok=True)
-    cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".teacher-cache"
+    if isinstance(out_dir, Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ENTRIES).mkdir(exist_ok=True)
+        cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".teacher-cache"
+    else:
+        cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lightclip-cache"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     specs, captioner_spec = default_specs(cfg, teacher_dir)
@@ -286,29 +348,73 @@ def reinforce(cfg: Config, data_dir: str | Path, out_dir: str | Path, teacher_di
 
     started = time.perf_counter()
     samples, skipped = 0, Counter()
-    with tqdm(total=sum(s["num_samples"] for s in todo), desc="reinforce", unit="sample") as bar:
+    with contextlib.ExitStack() as stack:
+        shards = _ShardFiles(data_dir, out_dir, cache_dir, stack)
+        bar = stack.enter_context(tqdm(total=sum(s["num_samples"] for s in todo), desc="reinforce", unit="sample"))
         for s in todo:
             shard_started = time.perf_counter()
-            written, shard_skipped = worker.shard(str(data_dir / s["url"]), out_dir / s["url"],
+            written, shard_skipped = worker.shard(shards.source(s), shards.staged(s["url"]),
                                                   f"{cfg.reinforce.seed}/{s['url']}", bar)
-            write_json_atomic(_entry_path(out_dir, s["url"]), {
-                "url": s["url"], "num_samples": written, "sha256": sha256_file(out_dir / s["url"]),
-                "skipped": dict(shard_skipped), "fingerprint": prints[s["url"]], "source_sha256": s["sha256"]})
+            entry = {"url": s["url"], "num_samples": written, "skipped": dict(shard_skipped),
+                     "fingerprint": prints[s["url"]], "source_sha256": s["sha256"], "reinforcement": reinforcement,
+                     "teacher_specs": _specs_record(specs)}
+            write_json_atomic(_entry_path(out_dir, s["url"]), {**entry, **shards.publish(s["url"])})
             samples += written
             skipped.update(shard_skipped)
             if sink is not None:
                 sink.log_metrics({"reinforce/samples_per_s": written / (time.perf_counter() - shard_started),
                                   "reinforce/samples": float(samples)}, step=samples)
     wall = time.perf_counter() - started
-    manifest = publish_manifest(out_dir, source, prints, reinforcement)
+    manifest = publish_manifest(out_dir, source, prints, reinforcement) if publish else None
     metrics = {"samples": float(samples), "wall_time_s": wall, "samples_per_s": samples / wall if wall else 0.0,
                "teacher_time_s": timer.teacher_s,
                "teacher_fraction": timer.teacher_s / wall if wall and samples else 0.0,
                "shards_written": float(len(todo)), "shards_reused": float(reused),
                "skipped": float(sum(skipped.values()))}
+    complete = manifest["reinforcement"]["complete"] if manifest else None
     log.info("reinforced %d samples in %.1f s (%.1f samples/s, %.0f%% in teacher forward passes); manifest %s",
              samples, wall, metrics["samples_per_s"], 100 * metrics["teacher_fraction"],
-             "complete" if manifest["reinforcement"]["complete"] else
+             "left to the join step (publish=False)" if manifest is None else "complete" if complete else
              f"incomplete ({manifest['reinforcement']['missing_shards']} shards missing)")
-    return ReinforceResult(out_dir, len(todo), reused, samples, dict(skipped),
-                           manifest["reinforcement"]["complete"], metrics)
+    return ReinforceResult(out_dir, len(todo), reused, samples, dict(skipped), complete, metrics)
+
+
+class _ShardFiles:
+    """Where the shard in flight is read and written: in place for local directories; for `s3://` a scratch
+    directory under `cache_dir`, emptied shard by shard, so a worker's disk holds one source and one output shard."""
+
+    def __init__(self, data_dir: Path | str, out_dir: Path | str, cache_dir: Path, stack: contextlib.ExitStack):
+        self.data_dir, self.out_dir = data_dir, out_dir
+        self.scratch = None
+        if is_s3(data_dir) or is_s3(out_dir):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".reinforce-", dir=cache_dir)))
+
+    def source(self, shard: dict[str, Any]) -> str:
+        """A local path of the source shard, downloaded and checked against the manifest's sha256 if remote."""
+        if not is_s3(self.data_dir):
+            return str(Path(self.data_dir) / shard["url"])
+        local = self.scratch / "source" / shard["url"]
+        storage.download_file(join(self.data_dir, shard["url"]), local)
+        if sha256_file(local) != shard["sha256"]:
+            raise ValueError(f"{join(self.data_dir, shard['url'])}: sha256 does not match the source manifest")
+        return str(local)
+
+    def staged(self, url: str) -> Path:
+        return Path(self.out_dir) / url if not is_s3(self.out_dir) else self.scratch / "out" / url
+
+    def publish(self, url: str) -> dict[str, Any]:
+        """Make the written shard visible at its final place; returns what its entry records about the file."""
+        staged = self.staged(url)
+        recorded = {"sha256": sha256_file(staged)}
+        if is_s3(self.out_dir):
+            final = join(self.out_dir, url)
+            storage.upload_file(staged, final)
+            found = storage.stat(final)
+            if found is None:
+                raise FileNotFoundError(f"{final}: uploaded, but the object is not there")
+            recorded.update(size=found.size, etag=found.etag)
+            staged.unlink()
+        if is_s3(self.data_dir):
+            (self.scratch / "source" / url).unlink(missing_ok=True)
+        return recorded
