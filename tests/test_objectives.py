@@ -21,10 +21,11 @@ from lightclip_core.losses import StepContext
 from lightclip_core.losses.build import build_objectives, forward_needs
 from lightclip_core.losses.instance import ContrastiveObjective
 from lightclip_core.losses.mlm import FusionBlock, MaskedLanguageObjective, mask_tokens
+from lightclip_core.losses.module import TrainingLoss
 from lightclip_core.losses.soft_targets import eps_at
 from lightclip_core.models import build_model
 from lightclip_core.train.checkpoint import list_checkpoints, load_checkpoint
-from lightclip_core.train.trainer import TrainingDiverged, build_optimizer, compute_loss, train
+from lightclip_core.train.trainer import TrainingDiverged, build_optimizer, train
 
 MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
          "text": {"context_length": 24, "width": 32, "heads": 2, "layers": 4}}
@@ -117,13 +118,14 @@ def _hand_logits(mlm: MaskedLanguageObjective, hidden: torch.Tensor, decoder: to
     return h @ decoder.T + mlm.head.bias
 
 
-def _replay(tokens: torch.Tensor, seed: int, prob: float = 0.15):
-    torch.manual_seed(seed)
-    return mask_tokens(tokens, word_mask(tokens), prob, min(SOT, EOT))
+def _replay(tokens: torch.Tensor, seed: int, prob: float = 0.15, sample_index=None):
+    """The masks the objective draws at step 0 with this seed (keyed per sample, drawn at the context length)."""
+    return mask_tokens(tokens, word_mask(tokens), prob, min(SOT, EOT), seed=seed, step=0, sample_index=sample_index,
+                       draw_length=MODEL["text"]["context_length"])
 
 
 def _run(mlm, outputs, tokens, images, model, seed: int) -> dict:
-    torch.manual_seed(seed)
+    mlm.seed = seed
     return mlm(outputs, StepContext(step=0, total_steps=1, images=images, tokens=tokens, model=model))
 
 
@@ -178,20 +180,42 @@ def test_mlm_loss_ignores_the_targets_at_unchosen_positions(setup):
         assert abs(float(_run(mlm, outputs, changed, images, model, seed)["mlm_loss"]) - float(base.detach())) > 1e-4
 
 
-def test_batch_fraction_masks_only_the_first_pairs_of_the_batch(setup):
+def test_batch_fraction_masks_an_evenly_spread_share_of_the_batch(setup):
+    """fraction 1/4 of 6 pairs reads ceil(1.5) = 2 pairs, every 4th global index (0 and 4), masked as those samples."""
     _, model, _, images, tokens, outputs = setup
     cfg = config(mlm={"batch_fraction": 0.25})
     torch.manual_seed(0)
     mlm = _mlm(build_objectives(cfg, model))
-    n = math.ceil(0.25 * len(tokens))
+    read = [0, 4]
+    assert len(read) == math.ceil(0.25 * len(tokens))
     seed = 4
     terms = _run(mlm, outputs, tokens, images, model, seed)
-    _, _, chosen = _replay(tokens[:n], seed)
-    assert chosen.shape[0] == n and terms["mlm_masked"] == float(chosen.sum()) > 0
+    _, _, chosen = _replay(tokens[read], seed, sample_index=read)
+    assert chosen.shape[0] == len(read) and terms["mlm_masked"] == float(chosen.sum()) > 0
     others = tokens.clone()
-    others[n:, 1:3] = 5  # the pairs after the first n never reach the masked pass
+    unread = [i for i in range(len(tokens)) if i not in read]
+    others[unread, 1:3] = 5  # the pairs not read never reach the masked pass
     torch.testing.assert_close(_run(mlm, outputs, others, images, model, seed)["mlm_loss"], terms["mlm_loss"],
                                rtol=0, atol=0)
+    changed = tokens.clone()
+    changed[4, 1:3] = 5  # a read pair does
+    with torch.no_grad():
+        assert abs(float(_run(mlm, outputs, changed, images, model, seed)["mlm_loss"]) - float(terms["mlm_loss"])) > 0
+
+
+def test_masks_are_keyed_by_seed_step_and_sample_index():
+    """A sample's mask does not depend on its batch position, its batch neighbours or its padding length (that is
+    what makes the masking independent of how a global batch is split over ranks); seed and step change it."""
+    tokens = _sample_tokens(8, 30, seed=5)
+    words = word_mask(tokens)
+    whole = mask_tokens(tokens, words, 0.5, min(SOT, EOT), seed=1, step=3, draw_length=40)
+    second_half = mask_tokens(tokens[4:, :25], words[4:, :25], 0.5, min(SOT, EOT), seed=1, step=3,
+                              sample_index=range(4, 8), draw_length=40)
+    for got, full in zip(second_half, whole):
+        assert torch.equal(got, full[4:, :25])
+    for other in ({"seed": 2, "step": 3}, {"seed": 1, "step": 4}):
+        changed = mask_tokens(tokens, words, 0.5, min(SOT, EOT), draw_length=40, **other)
+        assert not torch.equal(changed[2], whole[2])
 
 
 # ------------------------------------------------------------------------------------ 2. masking frequencies
@@ -216,8 +240,7 @@ def test_mask_tokens_follows_bert_frequencies():
     words = word_mask(tokens)
     n_words = int(words.sum())
     assert n_words > 200_000
-    torch.manual_seed(0)
-    inputs, use_mask_row, chosen = mask_tokens(tokens, words, 0.15, min(SOT, EOT))
+    inputs, use_mask_row, chosen = mask_tokens(tokens, words, 0.15, min(SOT, EOT), seed=0)
 
     assert not (chosen & ~words).any()  # never start, end-of-text or padding
     assert not (use_mask_row & ~chosen).any()
@@ -247,8 +270,7 @@ def test_random_replacements_are_never_start_or_end_of_text():
     tokens = _sample_tokens(20000, 100, seed=1)
     tokens[:, 1:-1] = torch.randint(0, min(SOT, EOT), (20000, 98), generator=torch.Generator().manual_seed(2))
     tokens[:, -1] = EOT
-    torch.manual_seed(1)
-    inputs, use_mask_row, chosen = mask_tokens(tokens, word_mask(tokens), 0.999, mlm.num_regular_tokens)
+    inputs, use_mask_row, chosen = mask_tokens(tokens, word_mask(tokens), 0.999, mlm.num_regular_tokens, seed=1)
     randomised = chosen & ~use_mask_row
     drawn = inputs[randomised]
     assert drawn.numel() > 150_000
@@ -260,8 +282,7 @@ def test_special_positions_are_never_chosen_even_at_high_probability():
     tokens = _sample_tokens(2000, 40, seed=3)
     tokens[:, 5] = 0  # id 0 is a real BPE token ("!") inside the caption, and also the padding value after it
     words = word_mask(tokens)
-    torch.manual_seed(3)
-    _, _, chosen = mask_tokens(tokens, words, 0.999, min(SOT, EOT))
+    _, _, chosen = mask_tokens(tokens, words, 0.999, min(SOT, EOT), seed=3)
     positions = torch.arange(tokens.shape[1])[None, :]
     end = (tokens == EOT).int().argmax(1, keepdim=True)
     assert not chosen[:, 0].any()
@@ -363,7 +384,7 @@ def test_token_embedding_gradient_stays_dense_with_every_objective(setup):
     model.train()
     assert [o.name for o in objectives] == ["contrastive", "token", "mlm"]
     torch.manual_seed(0)
-    total, terms, _ = compute_loss(model, objectives, images, tokens, step=0, total_steps=4)
+    total, terms, _ = TrainingLoss(model, objectives)(images, tokens, step=0, total_steps=4)
     assert {"contrastive_loss", "token_loss", "mlm_loss"} <= set(terms)
     total.backward()
     grad = model.text.token_embedding.weight.grad
@@ -620,7 +641,7 @@ def test_ema_updates_keep_the_text_towers_causal_mask():
     tokens = trim_padding(tokenize(CAPTIONS, 24))
     images = torch.randn(len(CAPTIONS), 3, 32, 32)
     ctx = StepContext(step=0, total_steps=1, images=images, tokens=tokens, model=model)
-    assert torch.isfinite(contrastive._ema_similarity(ctx)).all()
+    assert all(torch.isfinite(sim).all() for sim in contrastive._ema_similarity(ctx))
 
 
 def test_training_with_the_ema_similarity_source_does_not_diverge(data, tmp_path):

@@ -48,7 +48,8 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
             channels = _stage_channels(model, point.image_stride, f"objectives.mlm.fusion[{i}].image_stride")
             fusion.append((point.text_layer, point.image_stride, channels))
         objectives.append(MaskedLanguageObjective(text.width, text.heads, vocab_size(), fusion, m.mask_prob,
-                                                  m.causal, m.batch_fraction, weight=m.weight))
+                                                  m.causal, m.batch_fraction, weight=m.weight,
+                                                  seed=cfg.train.seed))
     if o.distill.enabled:
         d = o.distill
         if reinforcement is None:

@@ -11,6 +11,10 @@ For a batch B of b samples (student features v, u normalised, learnable scale s;
 
 Teacher embeddings are the K teachers' normalised embeddings side by side, `[b, sum(dims)]` (stored as fp16): each
 slice is re-normalised in float32 and the teacher probabilities carry no gradient.
+
+Data parallel: a rank computes its own rows of S, P and P' against the global batch's columns (student features
+gathered with gradients, teacher embeddings without); every cross-entropy is a mean over this rank's rows, so the
+mean over ranks is the loss of the global batch.
 """
 from __future__ import annotations
 
@@ -21,14 +25,17 @@ import torch.nn.functional as F
 
 from lightclip_core.data.tokenizer import trim_padding
 from lightclip_core.losses.base import Objective, StepContext
-from lightclip_core.losses.contrastive import contrastive_loss
+from lightclip_core.losses.contrastive import clip_logits, contrastive_loss
+from lightclip_core.losses.gather import gather_no_grad, gather_with_grad, row_offset
 
 CAPTION_BATCHES = ("both", "real", "synthetic")
 
 
 def teacher_probabilities(teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
-                          scales: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P image->text, P' text->image), both `[b, b]` float32: the K teachers' row softmaxes, averaged."""
+                          scales: Sequence[float], all_teacher_image: torch.Tensor | None = None,
+                          all_teacher_text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P image->text, P' text->image), both `[b, b]` float32: the K teachers' row softmaxes, averaged. With the
+    global batch's teacher embeddings (`all_*`, `[N, sum(dims)]`), this rank's rows against them, `[b, N]`."""
     dims, scales = list(dims), list(scales)
     if len(dims) != len(scales):
         raise ValueError(f"{len(dims)} teacher dims {dims} but {len(scales)} teacher scales {scales}")
@@ -39,38 +46,59 @@ def teacher_probabilities(teacher_image: torch.Tensor, teacher_text: torch.Tenso
     if teacher_image.shape != teacher_text.shape:
         raise ValueError(f"teacher image embeddings {tuple(teacher_image.shape)} and text embeddings "
                          f"{tuple(teacher_text.shape)} differ in shape")
+    whole = ((all_teacher_image is None or all_teacher_image is teacher_image)
+             and (all_teacher_text is None or all_teacher_text is teacher_text))
+    all_image = teacher_image if all_teacher_image is None else all_teacher_image
+    all_text = teacher_text if all_teacher_text is None else all_teacher_text
     with torch.no_grad():
-        p_img = p_txt = torch.zeros(teacher_image.shape[0], teacher_image.shape[0], device=teacher_image.device)
-        for img, txt, scale in zip(teacher_image.float().split(dims, 1), teacher_text.float().split(dims, 1), scales):
-            logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-            p_img, p_txt = p_img + logits.softmax(dim=1), p_txt + logits.T.softmax(dim=1)
+        p_img = p_txt = torch.zeros(teacher_image.shape[0], all_image.shape[0], device=teacher_image.device)
+        for img, txt, all_img, all_txt, scale in zip(*(t.float().split(dims, 1) for t in
+                                                       (teacher_image, teacher_text, all_image, all_text)), scales):
+            img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+            logits = scale * img @ (txt if whole else F.normalize(all_txt, dim=-1)).T
+            logits_text = logits.T if whole else scale * txt @ F.normalize(all_img, dim=-1).T
+            p_img, p_txt = p_img + logits.softmax(dim=1), p_txt + logits_text.softmax(dim=1)
         return p_img / len(dims), p_txt / len(dims)
 
 
 def _soft_ce(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32, float64 stays
+    return -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def distillation_kd(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                     teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
-                    scales: Sequence[float]) -> torch.Tensor:
-    """KD: cross-entropy of the student's row softmaxes against the averaged teacher probabilities, both ways."""
+                    scales: Sequence[float], *, all_image_features: torch.Tensor | None = None,
+                    all_text_features: torch.Tensor | None = None, all_teacher_image: torch.Tensor | None = None,
+                    all_teacher_text: torch.Tensor | None = None) -> torch.Tensor:
+    """KD: cross-entropy of the student's row softmaxes against the averaged teacher probabilities, both ways;
+    with the global batch's features and teacher embeddings (`all_*`), over this rank's rows."""
     if teacher_image.shape[0] != image_features.shape[0]:
         raise ValueError(f"teacher batch {teacher_image.shape[0]} != student batch {image_features.shape[0]}")
     device = image_features.device
-    p_img, p_txt = teacher_probabilities(teacher_image.to(device), teacher_text.to(device), dims, scales)
-    logits = logit_scale * image_features @ text_features.T
-    return 0.5 * (_soft_ce(p_img, logits) + _soft_ce(p_txt, logits.T))
+    p_img, p_txt = teacher_probabilities(
+        teacher_image.to(device), teacher_text.to(device), dims, scales,
+        None if all_teacher_image is None else all_teacher_image.to(device),
+        None if all_teacher_text is None else all_teacher_text.to(device))
+    logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale, all_image_features,
+                                                    all_text_features)
+    return 0.5 * (_soft_ce(p_img, logits_per_image) + _soft_ce(p_txt, logits_per_text))
 
 
 def mobileclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                     teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
-                    scales: Sequence[float], lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L(B), CLIP(B), KD(B)); the term with weight 0 is computed without a graph, for logging only."""
+                    scales: Sequence[float], lam: float, *, all_image_features: torch.Tensor | None = None,
+                    all_text_features: torch.Tensor | None = None, all_teacher_image: torch.Tensor | None = None,
+                    all_teacher_text: torch.Tensor | None = None, offset: int = 0,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L(B), CLIP(B), KD(B)); the term with weight 0 is computed without a graph, for logging only. With the
+    global batch (`all_*`, this rank's rows starting at `offset`), every term is the mean over this rank's rows."""
+    student = {"all_image_features": all_image_features, "all_text_features": all_text_features}
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam < 1.0):
-        clip = contrastive_loss(image_features, text_features, logit_scale)
+        clip = contrastive_loss(image_features, text_features, logit_scale, **student, offset=offset)
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0.0):
-        kd = distillation_kd(image_features, text_features, logit_scale, teacher_image, teacher_text, dims, scales)
+        kd = distillation_kd(image_features, text_features, logit_scale, teacher_image, teacher_text, dims, scales,
+                             **student, all_teacher_image=all_teacher_image, all_teacher_text=all_teacher_text)
     if lam == 0.0:
         return clip, clip, kd
     if lam == 1.0:
@@ -107,7 +135,7 @@ class DistillationObjective(Objective):
 
     def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
         image, scale = outputs["image_features"], outputs["logit_scale"]
-        teacher_image = self._extra(ctx, "teacher_image_emb")
+        teacher_image = self._extra(ctx, "teacher_image_emb").to(image.device)
         batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.caption_batches in ("both", "real"):
             batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb")
@@ -115,11 +143,16 @@ class DistillationObjective(Objective):
             syn_tokens, teacher_syn = self._extra(ctx, "syn_tokens"), self._extra(ctx, "teacher_syn_text_emb")
             syn = ctx.model.encode_text(trim_padding(syn_tokens).to(image.device), normalize=True)
             batches["syn"] = syn, teacher_syn
+        # this rank's rows against the global batch: the same gathered image features for both caption batches
+        columns = {"all_image_features": gather_with_grad(image), "all_teacher_image": gather_no_grad(teacher_image),
+                   "offset": row_offset(image.shape[0])}
         terms: dict[str, torch.Tensor | float] = {}
         total = image.new_zeros((), dtype=torch.float32)
         for tag, (text, teacher_text) in batches.items():
+            teacher_text = teacher_text.to(image.device)
             loss, clip, kd = mobileclip_loss(image, text, scale, teacher_image, teacher_text, self.dims, self.scales,
-                                             self.lam)
+                                             self.lam, all_text_features=gather_with_grad(text),
+                                             all_teacher_text=gather_no_grad(teacher_text), **columns)
             total = total + loss
             terms[f"distill_kd_{tag}"], terms[f"distill_clip_{tag}"] = kd.detach(), clip.detach()
         return {"distill_loss": total, **terms}

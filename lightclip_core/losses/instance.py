@@ -7,6 +7,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from lightclip_core.losses.base import Objective, StepContext
 from lightclip_core.losses.contrastive import contrastive_loss
+from lightclip_core.losses.gather import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.soft_targets import eps_at, soft_clip_loss
 
 
@@ -27,7 +28,10 @@ def _ema_update(momentum: float):
 class ContrastiveObjective(Objective):
     """The instance level: CLIP's loss, or LightCLIP's progressively softened targets (`soft_targets` uniform or
     similarity, eps from a schedule over the global step, logged as `soft_eps`). The similarity source is the
-    model's own detached logits, or an EMA copy of the model (ALBEF's momentum distillation)."""
+    model's own detached logits, or an EMA copy of the model (ALBEF's momentum distillation).
+
+    Data parallel: this rank's rows against the global batch's columns (features gathered with gradients, EMA
+    features without); the loss is the mean over this rank's rows, so the mean over ranks is the global loss."""
 
     name = "contrastive"
 
@@ -43,24 +47,32 @@ class ContrastiveObjective(Objective):
             self.ema.n_averaged.fill_(1)  # the copy made here is the EMA's start: average from the first update on
             self.ema.requires_grad_(False)
 
-    def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext | None = None) -> dict[str, torch.Tensor | float]:
+    def forward(self, outputs: dict[str, torch.Tensor],
+                ctx: StepContext | None = None) -> dict[str, torch.Tensor | float]:
         image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+        columns = {"all_image_features": gather_with_grad(image), "all_text_features": gather_with_grad(text),
+                   "offset": row_offset(image.shape[0])}
         if self.soft_targets == "none":
-            return {"contrastive_loss": contrastive_loss(image, text, scale)}
+            return {"contrastive_loss": contrastive_loss(image, text, scale, **columns)}
         if ctx is None:
             raise ValueError("softened targets follow the global step: pass a StepContext")
         eps = eps_at(ctx.step, ctx.total_steps, self.eps_schedule, self.eps_start, self.eps_end)
-        loss = soft_clip_loss(image, text, scale, eps, kind=self.soft_targets, similarity=self._ema_similarity(ctx),
-                              temperature=self.temperature)
+        sim_image, sim_text = self._ema_similarity(ctx) if self.ema is not None else (None, None)
+        loss = soft_clip_loss(image, text, scale, eps, kind=self.soft_targets, similarity=sim_image,
+                              similarity_text=sim_text, temperature=self.temperature, **columns)
         return {"contrastive_loss": loss, "soft_eps": eps}
 
-    def _ema_similarity(self, ctx: StepContext) -> torch.Tensor | None:
-        if self.ema is None:
-            return None  # soft_clip_loss takes the model's own detached logits
+    def _ema_similarity(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The EMA model's logits for this rank's rows against the global batch: (image rows, text rows), `[b, N]`."""
         self.ema.eval()
         with torch.no_grad():
             out = self.ema.module(ctx.images, ctx.tokens)
-        return out["logit_scale"] * out["image_features"] @ out["text_features"].T
+            image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+            all_image, all_text = gather_no_grad(image), gather_no_grad(text)
+            sim_image = scale * image @ all_text.T
+            if all_text.shape[0] == image.shape[0]:  # a job of one: the text rows are the transpose
+                return sim_image, sim_image.T
+            return sim_image, scale * text @ all_image.T
 
     def after_step(self, model: nn.Module) -> None:
         if self.ema is not None:

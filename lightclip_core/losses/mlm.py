@@ -4,10 +4,18 @@ A second pass of the model's own text tower reads the masked caption; after chos
 block lets the text attend to an image-tower stage map (text as queries). Every fusion block starts as an exact
 identity (zero-initialised output projection). The head is dense + GELU + LayerNorm + a decoder tied to the token
 embedding. The mask token is a learned row kept here, outside the vocabulary, so the exported model never sees it.
+
+Data parallel: the pass and its loss stay on this rank's pairs, and nothing depends on how the global batch is split
+over ranks. Which pairs the pass reads is a rule on each pair's global index, every pair's mask comes from a
+generator keyed by (seed, global step, global index), and the loss is the sum over this rank's masked positions
+divided by the global number of masked positions over the world size: the mean over ranks is the single-process
+mean over every masked position of the global batch.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,23 +24,55 @@ from torch import nn
 
 from lightclip_core.data.tokenizer import special_token_ids, word_mask
 from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.gather import global_sum, row_offset
+from lightclip_core.train.distributed import current_world
 
 MASK_ROW, RANDOM_TOKEN = 0.8, 0.1  # BERT's 80/10/10: mask row / random token / unchanged
 
 
-def mask_tokens(tokens: torch.Tensor, words: torch.Tensor, prob: float,
-                num_regular_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def mask_tokens(tokens: torch.Tensor, words: torch.Tensor, prob: float, num_regular_tokens: int, seed: int = 0,
+                step: int = 0, sample_index: Sequence[int] | None = None,
+                draw_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose `prob` of the word positions; of those 80% take the mask row, 10% a random regular token, 10% stay.
 
     Returns (input ids, where the mask row goes, chosen positions = the prediction targets). Random tokens are drawn
     from ids below `num_regular_tokens`, so that start/end-of-text ids never appear in the middle of a caption.
+    Row b's draws come from its own generator keyed by (`seed`, `step`, `sample_index[b]`, default b), always
+    `draw_length` long (default the row length) and cut to the row length: a sample is masked the same way
+    whichever rank, batch position or padding length it has.
     """
-    chosen = (torch.rand(tokens.shape, device=tokens.device) < prob) & words
-    roll = torch.rand(tokens.shape, device=tokens.device)
+    batch, length = tokens.shape
+    index = range(batch) if sample_index is None else [int(i) for i in sample_index]
+    if len(index) != batch:
+        raise ValueError(f"sample_index has {len(index)} entries for {batch} rows")
+    draw = max(length, draw_length or length)
+    rolls, ids = torch.empty(batch, 2, draw), torch.empty(batch, draw, dtype=torch.long)
+    for row, i in enumerate(index):  # on the host, a few microseconds per sample
+        gen = torch.Generator().manual_seed(_sample_seed(seed, step, i))
+        torch.rand(2, draw, generator=gen, out=rolls[row])
+        torch.randint(0, num_regular_tokens, (draw,), generator=gen, out=ids[row])
+    rolls = rolls[:, :, :length].to(tokens.device, non_blocking=True)
+    random_ids = ids[:, :length].to(tokens.device, non_blocking=True)
+    chosen = (rolls[:, 0] < prob) & words
+    roll = rolls[:, 1]
     use_mask_row = chosen & (roll < MASK_ROW)
     randomise = chosen & (roll >= MASK_ROW) & (roll < MASK_ROW + RANDOM_TOKEN)
-    random_ids = torch.randint(0, num_regular_tokens, tokens.shape, device=tokens.device)
     return torch.where(randomise, random_ids, tokens), use_mask_row, chosen
+
+
+def selected_rows(offset: int, batch: int, fraction: float) -> list[int]:
+    """This rank's rows (0-based, local) that the masked pass reads: global index g = offset + row is read when
+    ceil((g + 1) * fraction) > ceil(g * fraction), which spreads ceil(fraction * B) reads evenly over a global batch
+    of B (every k-th pair for fraction 1/k), whatever the split over ranks."""
+    def reads(g: int) -> bool:
+        return math.ceil(round((g + 1) * fraction, 9)) > math.ceil(round(g * fraction, 9))
+
+    return [row for row in range(batch) if reads(offset + row)]
 
 
 class FusionBlock(nn.Module):
@@ -71,13 +111,15 @@ class MaskedLanguageObjective(Objective):
     name = "mlm"
 
     def __init__(self, width: int, heads: int, vocab_size: int, fusion: list[tuple[int, int, int]],
-                 mask_prob: float = 0.15, causal: bool = False, batch_fraction: float = 1.0, weight: float = 1.0):
+                 mask_prob: float = 0.15, causal: bool = False, batch_fraction: float = 1.0, weight: float = 1.0,
+                 seed: int = 0):
         """`fusion`: (text layer, image stride, image channels) per block; empty for MLM without fusion.
-        `batch_fraction`: the masked pass reads only the first ceil(fraction * B) pairs of the (shuffled) batch,
-        which bounds its cost (a second text pass) on text-heavy models."""
+        `batch_fraction`: the masked pass reads only ceil(fraction * B) pairs of the (shuffled) global batch, spread
+        evenly over it (`selected_rows`), which bounds its cost (a second text pass) on text-heavy models. `seed`
+        keys the masks together with the global step and each pair's global index."""
         super().__init__(weight)
         self.mask_prob, self.batch_fraction = mask_prob, batch_fraction
-        self.causal = causal
+        self.causal, self.seed = causal, int(seed)
         self.num_regular_tokens = min(special_token_ids()["sot"], special_token_ids()["eot"])
         self.fusion_points = [(layer, stride) for layer, stride, _ in fusion]
         self.image_strides = tuple(sorted({stride for _, stride, _ in fusion}))
@@ -87,10 +129,21 @@ class MaskedLanguageObjective(Objective):
 
     def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
         text = ctx.model.text
-        n = math.ceil(self.batch_fraction * ctx.tokens.shape[0])
-        tokens = ctx.tokens[:n]
-        inputs, use_mask_row, chosen = mask_tokens(tokens, word_mask(tokens), self.mask_prob, self.num_regular_tokens)
-        maps = {stride: fmap[:n] for stride, fmap in outputs.get("image_maps", {}).items()}
+        batch = ctx.tokens.shape[0]
+        offset = row_offset(batch)
+        selected = selected_rows(offset, batch, self.batch_fraction)
+        # a rank none of whose pairs is read still runs the pass, on one pair and without targets, so that every
+        # parameter takes part in its backward (DDP waits for every parameter's gradient)
+        rows = selected or [0]
+        index = torch.tensor(rows, device=ctx.tokens.device)
+        tokens = ctx.tokens if len(rows) == batch else ctx.tokens[index]
+        inputs, use_mask_row, chosen = mask_tokens(tokens, word_mask(tokens), self.mask_prob, self.num_regular_tokens,
+                                                   self.seed, ctx.step, [offset + r for r in rows],
+                                                   draw_length=text.context_length)
+        if not selected:
+            chosen = torch.zeros_like(chosen)
+        maps = {stride: fmap if len(rows) == batch else fmap[index]
+                for stride, fmap in outputs.get("image_maps", {}).items()}
 
         def fuse(layer: int, x: torch.Tensor) -> torch.Tensor:
             for (at, stride), block in zip(self.fusion_points, self.fusion):
@@ -100,10 +153,12 @@ class MaskedLanguageObjective(Objective):
 
         _, hidden = text.forward_tokens(inputs, replace=(use_mask_row, self.mask_embedding),
                                         after_layer=fuse if self.fusion_points else None, causal=self.causal)
-        if not bool(chosen.any()):
-            return {"mlm_loss": hidden.sum() * 0.0, "mlm_masked": 0.0}
         logits = self.head(hidden[chosen], text.token_embedding.weight)
         targets = tokens[chosen]
-        loss = F.cross_entropy(logits.float(), targets)
-        accuracy = (logits.argmax(dim=-1) == targets).float().mean()
-        return {"mlm_loss": loss, "mlm_accuracy": accuracy.detach(), "mlm_masked": float(chosen.sum())}
+        # every rank reaches this collective; this rank's share of the global count normalises its sums
+        masked = global_sum(chosen.sum())
+        share = masked.clamp(min=1) / current_world().world_size
+        ce_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32, float64 stays
+        loss = F.cross_entropy(ce_logits, targets, reduction="sum") / share
+        correct = (logits.argmax(dim=-1) == targets).sum()
+        return {"mlm_loss": loss, "mlm_accuracy": (correct / share).detach(), "mlm_masked": masked.float()}

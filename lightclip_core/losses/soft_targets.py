@@ -2,6 +2,8 @@
 
 The one-hot targets of CLIP's InfoNCE loss are replaced by `(1 - eps) I + eps * Q`, where Q spreads the
 softened mass over the negatives either uniformly or by a stop-gradient similarity, and eps grows over training.
+In a data-parallel job a rank computes the rows of its own samples against the global batch's columns (N = the
+global batch, row i's positive at column `offset + i`); targets and similarities are those rows of the global ones.
 """
 from __future__ import annotations
 
@@ -37,31 +39,41 @@ def eps_at(step: int, total_steps: int, schedule: str, eps_start: float, eps_end
     return float(eps_start + (eps_end - eps_start) * progress)
 
 
-def uniform_targets(n: int, eps: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[n, n] targets with `1 - eps` on the diagonal and `eps / (n - 1)` elsewhere ([[1.0]] for n == 1)."""
+def uniform_targets(n: int, eps: float, device=None, dtype: torch.dtype = torch.float32, *, rows: int | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """[n, n] targets with `1 - eps` on the diagonal and `eps / (n - 1)` elsewhere ([[1.0]] for n == 1); with `rows`
+    only rows `offset .. offset + rows` of them, `[rows, n]` (one rank's rows of the global batch's targets)."""
     _check_eps(eps)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    rows = n if rows is None else rows
+    if rows < 0 or offset < 0 or offset + rows > n:
+        raise ValueError(f"rows {offset}..{offset + rows} do not lie within the {n} targets")
     if n == 1:
-        return torch.ones(1, 1, device=device, dtype=dtype)
-    targets = torch.full((n, n), eps / (n - 1), device=device, dtype=dtype)
-    targets.fill_diagonal_(1.0 - eps)
+        return torch.ones(rows, 1, device=device, dtype=dtype)
+    targets = torch.full((rows, n), eps / (n - 1), device=device, dtype=dtype)
+    targets[:, offset:offset + rows].fill_diagonal_(1.0 - eps)
     return targets
 
 
-def similarity_targets(sim: torch.Tensor, eps: float, temperature: float) -> torch.Tensor:
+def similarity_targets(sim: torch.Tensor, eps: float, temperature: float, *, offset: int | None = None) -> torch.Tensor:
     """`(1 - eps) I + eps * softmax_rows(sim / temperature)` with the diagonal excluded from the softmax.
 
-    `sim` [N, N] is detached; rows of the result sum to one. For N == 1 the target is [[1.0]].
+    `sim` [N, N] is detached; rows of the result sum to one. For N == 1 the target is [[1.0]]. With `offset`, `sim`
+    is `[b, N]`, rows `offset .. offset + b` of the global similarity, and the diagonal is at column `offset + i`.
     """
     _check_eps(eps)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+    if sim.dim() != 2 or (offset is None and sim.shape[0] != sim.shape[1]):
         raise ValueError(f"sim must be a square [N, N] matrix, got shape {tuple(sim.shape)}")
+    offset = 0 if offset is None else offset
+    if offset < 0 or offset + sim.shape[0] > sim.shape[1]:
+        raise ValueError(f"sim rows {offset}..{offset + sim.shape[0]} do not lie within its {sim.shape[1]} columns")
     sim = sim.detach()
-    n = sim.shape[0]
-    eye = torch.eye(n, device=sim.device, dtype=torch.bool)
+    b, n = sim.shape
+    eye = torch.zeros(b, n, device=sim.device, dtype=torch.bool)
+    eye[:, offset:offset + b].fill_diagonal_(True)
     if n == 1:
         return eye.to(sim.dtype)
     negatives = torch.softmax((sim / temperature).masked_fill(eye, float("-inf")), dim=1)
@@ -74,30 +86,45 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def soft_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                    eps: float, kind: str = "uniform", similarity: torch.Tensor | None = None,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, *, all_image_features: torch.Tensor | None = None,
+                   all_text_features: torch.Tensor | None = None, offset: int = 0,
+                   similarity_text: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with softened targets; eps == 0 is exactly CLIP's loss.
 
     kind "similarity" spreads eps by `similarity` [N, N] (rows = images, detached; the text direction uses its
     transpose), defaulting to the detached student logits `s * v @ u.T`, divided by `temperature`.
+
+    Data-parallel form: the given features are this rank's rows, `all_*_features` the global batch's (columns),
+    row i's positive is column `offset + i`, and the loss is the mean over these rows. A given similarity is then
+    `[b, N]` for the image rows, with `similarity_text` `[b, N]` for the text rows (the rows of its transpose).
     """
     _check_eps(eps)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale)
-    n = logits_per_image.shape[0]
+    logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale, all_image_features,
+                                                    all_text_features)
+    b, n = logits_per_image.shape
     if eps == 0:
-        labels = torch.arange(n, device=logits_per_image.device)
+        labels = offset + torch.arange(b, device=logits_per_image.device)
         return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    square = offset == 0 and b == n
     if kind == "uniform":
-        targets_image = targets_text = uniform_targets(n, eps, logits_per_image.device, logits_per_image.dtype)
+        targets_image = targets_text = uniform_targets(n, eps, logits_per_image.device, logits_per_image.dtype,
+                                                       rows=b, offset=offset)
     else:
-        sim = logits_per_image if similarity is None else similarity
-        if sim.shape != logits_per_image.shape:
-            raise ValueError(f"similarity must have shape {tuple(logits_per_image.shape)}, got {tuple(sim.shape)}")
-        sim = sim.detach().to(logits_per_image)
-        targets_image = similarity_targets(sim, eps, temperature)
-        targets_text = similarity_targets(sim.T, eps, temperature)
+        if similarity is None:
+            sim_image, sim_text = logits_per_image, logits_per_text
+        else:
+            if similarity_text is None and not square:
+                raise ValueError("similarity for a rank's rows of a larger batch needs similarity_text as well")
+            sim_image, sim_text = similarity, similarity.T if similarity_text is None else similarity_text
+        for name, sim in (("similarity", sim_image), ("similarity_text", sim_text)):
+            if sim.shape != logits_per_image.shape:
+                raise ValueError(f"{name} must have shape {tuple(logits_per_image.shape)}, got {tuple(sim.shape)}")
+        rows = None if square else offset
+        targets_image = similarity_targets(sim_image.detach().to(logits_per_image), eps, temperature, offset=rows)
+        targets_text = similarity_targets(sim_text.detach().to(logits_per_image), eps, temperature, offset=rows)
     return 0.5 * (_soft_cross_entropy(logits_per_image, targets_image)
                   + _soft_cross_entropy(logits_per_text, targets_text))

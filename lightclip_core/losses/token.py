@@ -12,12 +12,17 @@ from torch import nn
 
 from lightclip_core.data.tokenizer import word_mask
 from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.gather import global_sum
+from lightclip_core.train.distributed import current_world
 from lightclip_core.losses.token_alignment import match_batch, token_alignment_loss
 
 
 class TokenAlignmentObjective(Objective):
     """`token_loss` over the matched (word, patch) pairs of every positive pair; `token_pairs`: matched pairs per
-    caption, for the log."""
+    caption, for the log.
+
+    Data parallel: matching and loss stay on this rank's pairs; the loss is the sum over its matched pairs divided by
+    the global number of pairs over the world size, so that the mean over ranks is the single-process mean."""
 
     name = "token"
     needs_text_hidden = True
@@ -38,5 +43,11 @@ class TokenAlignmentObjective(Objective):
         words = F.normalize(self.word_proj(outputs["text_hidden"]), dim=-1)  # [B, L, D]
         pairs = match_batch(words, word_mask(ctx.tokens), patches, self.matcher, self.threshold,
                             self.patches_per_word)
-        loss = token_alignment_loss(words, patches, *pairs, loss=self.loss, temperature=self.temperature)
+        world = current_world()
+        normaliser = None
+        if world.distributed:  # every rank reaches this collective, whatever its own number of pairs
+            count = global_sum(len(pairs[0]), device=words.device).clamp(min=1)
+            normaliser = (count / world.world_size).to(torch.promote_types(words.dtype, torch.float32))
+        loss = token_alignment_loss(words, patches, *pairs, loss=self.loss, temperature=self.temperature,
+                                    normaliser=normaliser)
         return {"token_loss": loss, "token_pairs": len(pairs[0]) / words.shape[0]}

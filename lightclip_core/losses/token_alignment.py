@@ -68,9 +68,11 @@ def match_batch(word_feats: torch.Tensor, word_mask: torch.Tensor, patch_feats: 
 
 def token_alignment_loss(word_feats: torch.Tensor, patch_feats: torch.Tensor, batch_idx: torch.Tensor,
                          word_idx: torch.Tensor, patch_idx: torch.Tensor, loss: str = "cosine",
-                         temperature: float = 0.1) -> torch.Tensor:
+                         temperature: float = 0.1, normaliser: float | torch.Tensor | None = None) -> torch.Tensor:
     """Loss over matched pairs, differentiable in the features only. "cosine": mean of 1 - <w, p>; "softmax": mean
-    cross-entropy of the word over all patches of its image (logits <w, p_j> / temperature), target = its match."""
+    cross-entropy of the word over all patches of its image (logits <w, p_j> / temperature), target = its match.
+    `normaliser` replaces the number of pairs as the divisor of their sum (a data-parallel rank divides by its share
+    of the global count, so that the mean over ranks is the global mean)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if not temperature > 0:
@@ -78,6 +80,9 @@ def token_alignment_loss(word_feats: torch.Tensor, patch_feats: torch.Tensor, ba
     if batch_idx.numel() == 0:
         return word_feats.sum() * 0 + patch_feats.sum() * 0
     if loss == "cosine":
-        return (1 - (word_feats[batch_idx, word_idx] * patch_feats[batch_idx, patch_idx]).sum(-1)).mean()
+        per_pair = 1 - (word_feats[batch_idx, word_idx] * patch_feats[batch_idx, patch_idx]).sum(-1)
+        return per_pair.mean() if normaliser is None else per_pair.sum() / normaliser
     logits = torch.bmm(word_feats, patch_feats.transpose(1, 2))[batch_idx, word_idx] / temperature  # [N, P]
-    return F.cross_entropy(logits, patch_idx)
+    if normaliser is None:
+        return F.cross_entropy(logits, patch_idx)
+    return F.cross_entropy(logits, patch_idx, reduction="sum") / normaliser
