@@ -42,7 +42,8 @@ def loader_rate(cfg, train_dir: Path, batches: int) -> float:
 
 
 def step_rate(cfg, train_dir: Path, steps: int) -> float:
-    images, tokens = next(iter(make_loader(cfg, train_dir)[0]))
+    batch = next(iter(make_loader(cfg, train_dir)[0]))
+    images, tokens = batch["images"], batch["tokens"]
     model = build_model(cfg.model).train()
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.visual.to(memory_format=memory_format)

@@ -1,17 +1,25 @@
-"""The trainer: deterministic for a seed, checkpoints readable with weights_only, schedule, divergence stop."""
+"""The trainer: deterministic for a seed, checkpoints readable with weights_only, schedule, divergence stop, gradient
+accumulation against a manual reference, gradient checkpointing, and one-line errors for batches that do not split."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 
 import pytest
 import torch
 
-from lightclip_core.config import Config
+from lightclip_core.cli import main
+from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.prepare import prepare
-from lightclip_core.train.checkpoint import list_checkpoints, load_checkpoint
-from lightclip_core.train.schedule import warmup_cosine
-from lightclip_core.train.trainer import TrainingDiverged, plan_steps, train
+from lightclip_core.data.tokenizer import trim_padding
+from lightclip_core.losses.build import build_objectives
+from lightclip_core.losses.module import TrainingLoss
+from lightclip_core.models import build_model
+from lightclip_core.train.checkpoint import checksum_path, list_checkpoints, load_checkpoint
+from lightclip_core.train.data import make_loader
+from lightclip_core.train.schedule import build_scheduler, warmup_cosine
+from lightclip_core.train.trainer import TrainingDiverged, build_optimizer, plan_steps, seed_everything, train
 
 TINY = {
     "data": {"samples_per_shard": 64, "synthetic": {"num_train": 256, "num_val": 8, "num_test": 8, "image_size": 32}},
@@ -51,13 +59,22 @@ def test_two_workers_give_the_same_run_twice(tiny, tmp_path):
     assert logs[0] == logs[1]
 
 
-def test_checkpoints_are_kept_pruned_and_load_with_weights_only(tiny, tmp_path):
+def test_checkpoints_are_kept_pruned_checksummed_and_load_with_weights_only(tiny, tmp_path):
     cfg, train_dir = tiny
     result = train(cfg, train_dir, tmp_path)
     kept = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in kept] == ["step-00000003.pt", "step-00000006.pt"]
-    state = load_checkpoint(kept[-1])
-    assert state["step"] == 6 and {"model", "optimizer", "scheduler", "model_config"} <= set(state)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["step-00000003.pt", "step-00000003.pt.sha256", "step-00000006.pt", "step-00000006.pt.sha256"]
+    for ckpt in kept:  # sha256sum format: "<hex>  <name>"
+        assert checksum_path(ckpt).read_text() == f"{hashlib.sha256(ckpt.read_bytes()).hexdigest()}  {ckpt.name}\n"
+    state = load_checkpoint(kept[-1], require_checksum=True)
+    assert state["step"] == 6 and {"model", "objectives", "optimizer", "scheduler", "model_config", "fingerprint",
+                                   "ranks", "world_size", "samples_seen"} <= set(state)
+    assert state["world_size"] == 1 and state["samples_seen"] == 6 * 32
+    [rank] = state["ranks"]
+    assert set(rank["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert rank["data"] == {"epoch": 0, "batches": 6, "worker_batches": [6], "next_worker": 0, "samples": 6 * 32}
     final = load_checkpoint(result.final_checkpoint)
     assert final["step"] == 8 and final["model_config"] == cfg.model.model_dump(mode="json")
     assert not list(tmp_path.rglob("*.tmp"))
@@ -84,17 +101,17 @@ def test_loss_decreases_when_training_longer(tiny, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_number(tiny, tmp_path, monkeypatch):
     cfg, train_dir = tiny
-    from lightclip_core.train import trainer as module
-
-    real = module.compute_loss
+    real = TrainingLoss.forward
     calls = {"n": 0}
 
-    def poisoned(*args):
+    def poisoned(self, *args):
         calls["n"] += 1
-        loss, terms, outputs = real(*args)
-        return loss * (float("nan") if calls["n"] == 5 else 1.0), terms, outputs
+        loss, terms, outputs = real(self, *args)
+        if calls["n"] == 5:
+            loss, terms = loss * float("nan"), {**terms, "loss": float("nan")}
+        return loss, terms, outputs
 
-    monkeypatch.setattr(module, "compute_loss", poisoned)
+    monkeypatch.setattr(TrainingLoss, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="at step 5"):
         train(cfg, train_dir, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003.pt"]
@@ -112,3 +129,111 @@ def test_plan_rejects_a_batch_larger_than_the_split():
     cfg = Config.model_validate({**TINY, "train": {**TINY["train"], "batch_size": 512, "max_steps": None}})
     with pytest.raises(ValueError, match="batch_size=512"):
         plan_steps(cfg, 256)
+
+
+def with_train(cfg: Config, **update) -> Config:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
+
+
+def test_accumulation_equals_a_manual_accumulation_reference(tiny, tmp_path):
+    """accum_steps=2: each optimizer step averages the gradients of two half batches (whose contrastive negatives are
+    their own); the reference does exactly that by hand, on the same half batches in the same order."""
+    cfg, train_dir = tiny
+    cfg = with_train(cfg, accum_steps=2, max_steps=3, checkpoint_every=100)
+    result = train(cfg, train_dir, tmp_path / "run")
+
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    model = build_model(cfg.model)
+    model.visual.to(memory_format=torch.channels_last)
+    objectives = build_objectives(cfg, model)
+    loss_module = TrainingLoss(model, objectives).train()
+    optimizer = build_optimizer(model, cfg, objectives)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, 3)
+    loader, _ = make_loader(cfg, train_dir)
+    assert loader.batch_size == 16
+    halves = iter(loader)
+    losses = []
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        micro = []
+        for _ in range(2):
+            batch = next(halves)
+            images = batch["images"].contiguous(memory_format=torch.channels_last)
+            loss, terms, _ = loss_module(images, trim_padding(batch["tokens"]), step, 3, {})
+            (loss / 2).backward()
+            micro.append(terms["loss"])
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_module.after_step()
+        losses.append(sum(micro) / 2)
+
+    trained = load_checkpoint(result.final_checkpoint)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+    with open(result.train_log) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # optimizer steps, not micro-steps
+    assert [int(r["samples_seen"]) for r in rows] == [32, 64, 96] and result.samples_seen == 96
+    assert [float(r["loss"]) for r in rows] == pytest.approx(losses, rel=1e-12)
+
+
+def test_grad_checkpointing_recomputes_the_image_trunk_and_trains_the_same_weights(tiny, tmp_path):
+    cfg, train_dir = tiny
+    model = build_model(cfg.model)
+    model.set_grad_checkpointing(True)
+    assert model.text.transformer.grad_checkpointing
+    calls = []
+    block = model.visual.trunk.blocks[1][0]
+    block_forward = block.forward  # counted by its forward: torch's recomputation does not fire forward hooks
+    block.forward = lambda x: (calls.append(1), block_forward(x))[1]
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 8))
+    model(images, tokens, image_strides=(8,))["image_features"].sum().backward()
+    assert len(calls) == 2  # forward, then again in the backward pass
+    text_calls = []
+    text_block = model.text.transformer.resblocks[0]
+    text_forward = text_block.forward
+    text_block.forward = lambda x, attn_mask=None: (text_calls.append(1), text_forward(x, attn_mask=attn_mask))[1]
+    model(images, tokens)["text_features"].sum().backward()
+    assert len(text_calls) == 2  # the text blocks are recomputed too
+
+    params = []
+    for flag in (False, True):
+        run = train(with_train(cfg, max_steps=2, grad_checkpointing=flag), train_dir, tmp_path / str(flag))
+        state = load_checkpoint(run.final_checkpoint)["model"]
+        names = {n for n, _ in build_model(cfg.model).named_parameters()}  # BatchNorm statistics see two forwards
+        params.append({k: v for k, v in state.items() if k in names})
+    assert all(torch.allclose(params[0][k], params[1][k], atol=1e-6) for k in params[0])
+
+
+def test_a_global_batch_that_does_not_split_over_ranks_is_a_one_line_error(tiny, tmp_path, monkeypatch, capsys):
+    cfg, train_dir = tiny
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")  # no MASTER_ADDR: joining a process group would fail differently
+    with pytest.raises(ConfigError, match=r"train.batch_size=32: not divisible by world_size \* train.accum_steps"):
+        train(cfg, train_dir, tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(Config.model_validate(TINY).model_dump_json())
+    code = main(["train", "--params", str(params), "--data", str(train_dir), "--out", str(tmp_path / "o"),
+                 "--set", "train.accum_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "train.batch_size=32" in err and "3 * 2 = 6" in err
+
+
+def test_accumulation_that_does_not_divide_the_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.batch_size=32 is not divisible by train.accum_steps=3"):
+        from lightclip_core.config import validate
+        validate({**TINY, "train": {**TINY["train"], "accum_steps": 3}})
+
+
+def test_an_epoch_without_a_full_step_is_a_one_line_error(tiny, tmp_path):
+    cfg, train_dir = tiny  # 4 shards of 64; 2 workers of 2 shards each cannot fill a batch of 192 alone
+    with pytest.raises(ConfigError, match="train.batch_size=192: no full step"):
+        train(with_train(cfg, batch_size=192, workers=2), train_dir, tmp_path)
+
+
+def test_resampled_virtual_epochs_have_the_asked_length(tiny, tmp_path):
+    cfg, train_dir = tiny
+    result = train(with_train(cfg, samples_per_epoch=96, max_steps=7, checkpoint_every=100), train_dir, tmp_path)
+    with open(result.train_log) as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == [0, 0, 0, 1, 1, 1, 2]  # 96 samples = 3 steps of 32 per virtual epoch

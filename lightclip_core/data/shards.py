@@ -9,6 +9,7 @@ the manifest is written last, so a reader that trusts the manifest never sees a 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 
-from lightclip_core.data.storage import atomic_path, read_versioned_json, sha256_file, write_json_atomic
+from lightclip_core.data.storage import atomic_path, join, read_versioned_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,7 +89,7 @@ class ShardSetWriter:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    return read_versioned_json(Path(dataset_dir) / MANIFEST, "schema_version", SCHEMA_VERSION,
+    return read_versioned_json(join(str(dataset_dir), MANIFEST), "schema_version", SCHEMA_VERSION,
                                "run `lightclip prepare` first")
 
 
@@ -139,33 +140,74 @@ def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Decoded samples from shards, shuffled deterministically from (seed, epoch), split across workers.
+    """Decoded samples from shards, shuffled deterministically from (seed, epoch), split across ranks and workers.
 
-    Shard order is shuffled per epoch; each DataLoader worker takes every n-th shard; a per-worker buffer shuffles
-    samples. `decode(raw) -> item` runs inside the worker. For the same seed, epoch and worker count the order is
-    the same on every run.
+    Every epoch has one shard order: a shuffle of the shards from (seed, epoch), or with `samples_per_epoch` a
+    resampled "virtual" epoch, shards drawn with replacement from (seed, epoch) until they hold that many samples
+    (`sizes`, the shards' sample counts, are then needed). Rank r of a data-parallel job takes every `world_size`-th
+    shard of that order and each of its DataLoader workers every n-th shard of the rank's, so a sample is read once
+    per epoch across all ranks and workers (resampled epochs may draw a shard twice). A per-worker buffer shuffles
+    raw samples; `decode(raw) -> item` runs inside the worker, after the shuffle. For the same seed, epoch, world
+    size and worker count the order is the same on every run.
+
+    Resuming mid-epoch: `skip[w]` raw samples are dropped (before decoding) from the start of logical worker w's
+    stream, and DataLoader worker i plays logical worker (i + `worker_offset`) % n, so that a DataLoader, which asks
+    its workers in turn starting from worker 0, continues with the worker whose turn it was.
     """
 
     def __init__(self, urls: list[str], decode: Callable[[dict[str, Any]], Any], seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 1000):
+                 shuffle: bool = True, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
+                 sizes: list[int] | None = None, samples_per_epoch: int | None = None):
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        if samples_per_epoch is not None and (sizes is None or len(sizes) != len(urls)):
+            raise ValueError("samples_per_epoch needs the sample count of every shard (sizes)")
         self.urls = list(urls)
         self.decode = decode
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.sizes = list(sizes) if sizes is not None else None
+        self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
+        self.skip: dict[int, int] = {}
+        self.worker_offset = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _my_urls(self) -> tuple[list[str], int]:
+    def epoch_urls(self, epoch: int) -> list[str]:
+        """The shard order of an epoch, before the split across ranks and workers."""
+        if self.samples_per_epoch is not None:
+            rng = random.Random(f"{self.seed}/{epoch}/resample")
+            drawn: list[str] = []
+            total = 0
+            while total < self.samples_per_epoch and sum(self.sizes):
+                i = rng.randrange(len(self.urls))
+                drawn.append(self.urls[i])
+                total += self.sizes[i]
+            return drawn
         urls = list(self.urls)
         if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
+            random.Random(f"{self.seed}/{epoch}").shuffle(urls)
+        return urls
+
+    def split(self, epoch: int, workers: int) -> list[list[list[str]]]:
+        """`[rank][logical worker] -> shard urls` of an epoch (`workers`: DataLoader workers, 1 for none)."""
+        order = self.epoch_urls(epoch)
+        return [[order[r::self.world_size][w::workers] for w in range(workers)] for r in range(self.world_size)]
+
+    def _my_urls(self) -> tuple[list[str], int]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return urls[worker::workers], worker
+        logical = (worker + self.worker_offset) % workers
+        return self.split(self.epoch, workers)[self.rank][logical], logical
+
+    def _emit(self, worker: int, item: Any) -> Any:
+        """What the stream yields for a decoded sample of (logical) `worker`; subclasses may tag it."""
+        return item
 
     def __iter__(self) -> Iterator[Any]:
         urls, worker = self._my_urls()
@@ -173,7 +215,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             # webdataset's shuffle draws only from the rng it is given, so the order is a function of the seed;
             # initial=bufsize fills the buffer before the first pick, which mixes the start as well as the rest.
-            rng = random.Random(f"{self.seed}/{self.epoch}/{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            key = f"{self.seed}/{self.epoch}/{worker}" if self.world_size == 1 else \
+                f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(key))(samples)
+        samples = itertools.islice(samples, self.skip.get(worker, 0), None)  # resume: skip before decoding
         for raw in samples:
-            yield self.decode(raw)
+            yield self._emit(worker, self.decode(raw))

@@ -52,7 +52,8 @@ def uniform_targets(n: int, eps: float, device=None, dtype: torch.dtype = torch.
     if n == 1:
         return torch.ones(rows, 1, device=device, dtype=dtype)
     targets = torch.full((rows, n), eps / (n - 1), device=device, dtype=dtype)
-    targets[:, offset:offset + rows].fill_diagonal_(1.0 - eps)
+    positives = torch.arange(rows, device=device)
+    targets[positives, positives + offset] = 1.0 - eps  # not fill_diagonal_ on a view, which torch.compile rejects
     return targets
 
 

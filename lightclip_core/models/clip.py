@@ -53,6 +53,13 @@ class CLIP(nn.Module):
                    logit_scale=self.scale())
         return out
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them (timm's contract): the image trunk
+        through timm's own switch, the text transformer through open_clip's `grad_checkpointing` flag, which
+        the text tower's block loop reads."""
+        self.visual.trunk.set_grad_checkpointing(enable)
+        self.text.transformer.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: biases, norms, embeddings and the temperature."""
         return {n for n, p in self.named_parameters()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
@@ -103,8 +104,12 @@ class TextTower(nn.Module):
         if self.mixer_in is not None:
             x = self._mix(self.mixer_in, x, real)
         mask = self.attention_mask(real, n, causal)
+        checkpointed = self.training and getattr(self.transformer, "grad_checkpointing", False)
         for i, block in enumerate(self.transformer.resblocks):
-            x = block(x, attn_mask=mask)
+            if checkpointed:  # CLIP.set_grad_checkpointing: recompute the block in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
             if after_layer is not None:
                 x = after_layer(i, x)
         if self.mixer_out is not None:
