@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,23 @@ def _existing(path: str, what: str, flag: str) -> Path:
     return p
 
 
+def _local_split(uri: str, what: str, flag: str) -> Path:
+    """A shard directory given as a local path or an `s3://` prefix (downloaded to the cache, reused by ETag)."""
+    from lightclip_core.data import storage
+
+    if not storage.is_s3(uri):
+        return _existing(uri, what, flag)
+    if not storage.exists(storage.join(uri, "manifest.json")):
+        raise InputError(f"{flag}={uri!r}: {what} has no manifest.json")
+    return storage.fetch_to_local(uri.rstrip("/") + "/", _cache_dir())
+
+
+def _cache_dir() -> Path:
+    import tempfile
+
+    return Path(os.environ.get("LIGHTCLIP_CACHE") or Path(tempfile.gettempdir()) / "lightclip-cache")
+
+
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.data.prepare import prepare
     from lightclip_core.tracking.mlflow_utils import StageRun
@@ -44,17 +62,29 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> dict:
+    """Train; under `torchrun --nproc-per-node N -m lightclip_core.cli train ...` every rank runs this, and rank 0
+    alone tracks the run and writes the metrics."""
     from lightclip_core.tracking.mlflow_utils import StageRun
+    from lightclip_core.train.distributed import world_from_env
     from lightclip_core.train.trainer import train
 
-    train_dir = _existing(args.data, "training split", "--data")
-    out = Path(args.out)
+    from lightclip_core.data import storage
+
+    train_dir = _local_split(args.data, "training split", "--data")
+    remote = args.out if storage.is_s3(args.out) else None  # train locally, then publish (final.pt last)
+    out = _cache_dir() / "train-out" / storage.split_s3(remote)[1].strip("/") if remote else Path(args.out)
+    if not world_from_env().is_main:
+        result = train(cfg, train_dir, out)
+        return {"checkpoint": str(result.final_checkpoint), **result.metrics}
     with StageRun(cfg, "train", inputs={"data": train_dir}) as run:
         result = train(cfg, train_dir, out, sink=run)
         run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
         run.log_artifact(result.train_log)
     _write_metrics(out / "metrics.json", result.metrics)
-    return {"checkpoint": str(result.final_checkpoint), **result.metrics}
+    if remote:
+        storage.publish_dir(out, remote, last=("final.pt",))
+    return {"checkpoint": storage.join(remote, "final.pt") if remote else str(result.final_checkpoint),
+            **result.metrics}
 
 
 def cmd_teacher(cfg: Config, args: argparse.Namespace) -> dict:
@@ -92,7 +122,9 @@ def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.reinforce.stage import parse_shard_range, reinforce
     from lightclip_core.tracking.mlflow_utils import StageRun
 
-    data_dir = _existing(args.data, "split to reinforce", "--data")
+    from lightclip_core.data import storage
+
+    data_dir = args.data if storage.is_s3(args.data) else _existing(args.data, "split to reinforce", "--data")
     needs_trained = not cfg.teacher.ensemble or cfg.teacher.captioner is None  # else pretrained teachers only
     teacher_dir = _existing(args.teacher, "teacher directory", "--teacher") if needs_trained and args.teacher \
         else None
@@ -102,10 +134,20 @@ def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> dict:
         raise InputError(str(err)) from None
     inputs = {"data": data_dir, **({"teacher": teacher_dir} if teacher_dir else {})}
     with StageRun(cfg, "reinforce", inputs=inputs) as run:
-        result = reinforce(cfg, data_dir, args.out, teacher_dir, shards, sink=run)
+        result = reinforce(cfg, data_dir, args.out, teacher_dir, shards, sink=run, publish=not args.no_publish)
         run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
-    _write_metrics(Path(args.out).parent / f"{Path(args.out).name}-metrics.json", result.metrics)
+    if not storage.is_s3(args.out):
+        _write_metrics(Path(args.out).parent / f"{Path(args.out).name}-metrics.json", result.metrics)
     return {"out": str(result.out_dir), "complete": result.complete, "skipped": result.skipped, **result.metrics}
+
+
+def cmd_publish_reinforced(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.reinforce.stage import publish_reinforced
+
+    manifest = publish_reinforced(cfg, args.data, args.out, args.teacher)
+    reinforcement = manifest.get("reinforcement", {})
+    return {"out": args.out, "complete": reinforcement.get("complete"), "shards": len(manifest["shards"]),
+            "missing_shards": reinforcement.get("missing_shards")}
 
 
 def cmd_index_reinforced(cfg: Config, args: argparse.Namespace) -> dict:
@@ -150,13 +192,16 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> dict:
     from lightclip_core.tracking.mlflow_utils import StageRun
-    from lightclip_core.tracking.registry import read_inputs, register, skipped
+    from lightclip_core.tracking.registry import gate_passes, read_inputs, register, skipped
 
     export_dir = _existing(args.model, "export directory", "--model")
     eval_dir = _existing(args.eval, "evaluation directory", "--eval")
     inputs = read_inputs(cfg, export_dir, eval_dir, args.train_data, args.test_data, args.train_log)
     if not (cfg.registry.enabled and cfg.tracking.enabled):
         why = "registry.enabled is false" if not cfg.registry.enabled else "tracking.enabled is false"
+        return skipped(cfg, inputs, args.out, why).to_json()
+    passed, why = gate_passes(cfg, inputs.metrics)
+    if not passed:
         return skipped(cfg, inputs, args.out, why).to_json()
     labelled = {"model": export_dir, "eval": eval_dir, "train_data": inputs.train_data, "test_data": inputs.test_data}
     with StageRun(cfg, "register", inputs={k: v for k, v in labelled.items() if v is not None}) as run:
@@ -193,6 +238,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], dict], str]] = 
     "prepare": (cmd_prepare, "generate the synthetic dataset or ingest real data into shards"),
     "teacher": (cmd_teacher, "train the embedded default's own CoCa teacher and captioner"),
     "reinforce": (cmd_reinforce, "reinforce a split: augmentations, synthetic captions, teacher embeddings"),
+    "publish-reinforced": (cmd_publish_reinforced, "the join after a fan-out of `reinforce --no-publish` workers: "
+                                                   "publish the manifest once"),
     "index-reinforced": (cmd_index_reinforced, "write the manifest of published reinforced shards (DataCompDR)"),
     "train": (cmd_train, "train a CLIP model on prepared (or reinforced) shards"),
     "export": (cmd_export, "fold and export a trained checkpoint (safetensors, torch.export, ONNX), parity-checked"),
@@ -220,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["reinforce"].add_argument("--out", default="artifacts/reinforced/train")
     parsers["reinforce"].add_argument("--shards", default=None, metavar="START:END",
                                       help="reinforce only these shards of the split (a worker of a fan-out)")
+    parsers["reinforce"].add_argument("--no-publish", action="store_true",
+                                      help="leave the manifest to `lightclip publish-reinforced` (fan-out on S3)")
+    parsers["publish-reinforced"].add_argument("--data", default="artifacts/data/train")
+    parsers["publish-reinforced"].add_argument("--teacher", default="artifacts/teacher")
+    parsers["publish-reinforced"].add_argument("--out", default="artifacts/reinforced/train")
     parsers["index-reinforced"].add_argument("--data", required=True)
     parsers["index-reinforced"].add_argument("--dims", type=int, nargs="+", required=True,
                                              help="each teacher's embedding width, e.g. 768 768 for DataCompDR-12M")
@@ -245,13 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["tracking"].add_argument("action", choices=["sync"],
                                      help="sync: deliver what a stage could not send to the tracking server")
     parsers["tracking"].add_argument("--spool-dir", default=None, help="default: tracking.spool_dir")
+    from lightclip_core.launch.command import add_trainjob_command
+
+    add_trainjob_command(sub)  # its own params handling and exit codes (lightclip_core/launch/command.py)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: a rank's exception (traceback, rank, time) goes
+        from torch.distributed.elastic.multiprocessing.errors import record  # to the file its failure report shows
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None  # set by torchrun
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") +
+                               "%(name)s: %(message)s")
+    if args.command == "trainjob":
+        return args.handler(args)
     command, _ = COMMANDS[args.command]
     from lightclip_core.data.ingest import DataError
     from lightclip_core.data.reinforced import ReinforcementError

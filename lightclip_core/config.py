@@ -156,9 +156,17 @@ def _drop_nulls(tree: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
+    """Training. `batch_size` is the global batch of one optimizer step: a data-parallel job of N ranks with
+    `accum_steps` micro-steps gives each rank batch_size / (N * accum_steps) samples per micro-step, so the same
+    parameters train the same model on 1 or N processes (no learning-rate rescaling)."""
+
     seed: int = Field(0, ge=0)
-    batch_size: int = Field(128, ge=2)
+    batch_size: int = Field(128, ge=2, description="global samples per optimizer step, over all ranks")
+    accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step (gradient accumulation)")
     epochs: float = Field(3.0, gt=0, description="passes over the training split (fractions allowed)")
+    samples_per_epoch: int | None = Field(
+        None, ge=2, description="resampled 'virtual' epochs of this many samples (shards drawn with replacement "
+                                "per seed and epoch); null: an epoch is one pass over the split")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(1e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0)
@@ -176,6 +184,20 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
     deterministic: bool = True
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
+    grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    compile: bool = Field(False, description="torch.compile the training module")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint of the same configuration")
+    dist_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer on the others fails the job")
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.accum_steps="
+                             f"{self.accum_steps}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            raise ValueError(f"train.samples_per_epoch={self.samples_per_epoch} is smaller than train.batch_size="
+                             f"{self.batch_size}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- objectives
@@ -409,6 +431,9 @@ class RegistryConfig(_Section):
     gate_metric: str = Field("zeroshot/colour_shape/top1", min_length=1,
                              description="key of the evaluation metrics.json; higher is better")
     margin: float = Field(0.0, ge=0.0, description="champion moves only if the candidate beats it by more than this")
+    min_gate_value: float | None = Field(
+        None, description="evaluation gate: a model whose gate_metric is below this is not registered at all "
+                          "(the Kubeflow DAG's dsl.If); null: every evaluated model is registered")
 
 
 class Config(_Section):

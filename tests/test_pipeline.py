@@ -12,34 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_tiny import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
                  "lightclip_core", "pyproject.toml"]
 
-TINY = {
-    "data": {"samples_per_shard": 128, "synthetic": {"num_train": 256, "num_val": 32, "num_test": 64,
-                                                     "image_size": 32}},
-    "model": {"embed_dim": 32, "image": {"size": 32}, "text": {"width": 64, "heads": 2, "layers": 2}},
-    "objectives": {"mlm": {"fusion": [{"text_layer": 0, "image_stride": 16}, {"text_layer": 1, "image_stride": 32}]}},
-    "train": {"batch_size": 32, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "workers": 0},
-    "evaluate": {"batch_size": 64},
-    "teacher": {"train": {"embed_dim": 64, "image_size": 32, "patch_size": 8, "vision_width": 64, "vision_layers": 1,
-                          "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2,
-                          "decoder_layers": 1, "context_length": 16, "steps": 4, "batch_size": 32},
-                "second": {"embed_dim": 32, "image_size": 32, "text_width": 32, "text_layers": 1, "text_heads": 2,
-                           "context_length": 16, "steps": 3, "batch_size": 32}},
-    "reinforce": {"num_augmentations": 2, "num_captions": 1, "max_caption_tokens": 6, "batch_size": 64},
-}
-
 pytestmark = pytest.mark.slow
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) else v
-    return out
 
 
 def _run(args: list[str], cwd: Path, env: dict) -> str:
@@ -59,7 +38,7 @@ def project(tmp_path_factory):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -259,3 +259,24 @@ def test_champion_loads_in_a_fresh_process_and_predicts(at_server, evaluated, ch
     # the same numbers as the export itself gives in this process
     reference = Embedder(evaluated["export"]).encode_texts(["a red square"])[0]
     np.testing.assert_allclose(text_emb[0], reference, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the evaluation gate
+@pytest.mark.parametrize("threshold, value, passes", [(None, 0.01, True), (0.5, 0.5, True), (0.5, 0.7, True),
+                                                      (0.5, 0.49, False)])
+def test_evaluation_gate_registers_only_models_at_or_above_the_minimum(threshold, value, passes):
+    from lightclip_core.config import validate
+    from lightclip_core.tracking.registry import gate_passes
+
+    cfg = validate({"registry": {"min_gate_value": threshold}})
+    passed, reason = gate_passes(cfg, {"zeroshot/colour_shape/top1": value, "num_test_samples": 10})
+    assert passed is passes
+    assert "zeroshot/colour_shape/top1" in reason and ("not registered" in reason) is (not passes)
+
+
+def test_evaluation_gate_names_a_missing_metric():
+    from lightclip_core.config import ConfigError, validate
+    from lightclip_core.tracking.registry import gate_passes
+
+    with pytest.raises(ConfigError, match="registry.gate_metric"):
+        gate_passes(validate({}), {"zeroshot/colour/top1": 0.5})

@@ -31,6 +31,7 @@ __all__ = ["StageRun", "TrackingUnavailable", "tracking_uri", "check_reachable",
 
 PIPELINE_ENV = "LIGHTCLIP_PIPELINE_RUN"
 KFP_ENV = "KFP_RUN_ID"
+ORCHESTRATOR_ENV = "LIGHTCLIP_ORCHESTRATOR"
 ROLE_TAG, PIPELINE_TAG, KFP_TAG = "lightclip.role", "lightclip.pipeline_id", "kfp.run_id"
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
@@ -143,8 +144,10 @@ def pipeline_id() -> str | None:
 
 
 def orchestration_tags() -> dict[str, str]:
-    tags = {"lightclip.orchestrator": "kfp" if os.environ.get(KFP_ENV) else
-            "dvc" if os.environ.get("DVC_STAGE") else "manual"}
+    """Who runs the stage: `$LIGHTCLIP_ORCHESTRATOR` (the Kubeflow components set `kfp`, also for the cached, run-
+    independent steps that get no KFP run id), else kfp / dvc / manual from the environment."""
+    tags = {"lightclip.orchestrator": os.environ.get(ORCHESTRATOR_ENV) or ("kfp" if os.environ.get(KFP_ENV) else
+            "dvc" if os.environ.get("DVC_STAGE") else "manual")}
     if os.environ.get(KFP_ENV):
         tags[KFP_TAG] = os.environ[KFP_ENV]
     return tags

@@ -75,6 +75,20 @@ class RegisterResult:
 
 
 # ------------------------------------------------------------------------------------------------ the gate
+def gate_passes(cfg: Config, metrics: dict[str, float]) -> tuple[bool, str]:
+    """The evaluation gate (registry.min_gate_value): whether the model is to be registered at all, and why."""
+    reg = cfg.registry
+    if reg.gate_metric not in metrics:
+        raise ConfigError(f"registry.gate_metric={reg.gate_metric!r} is not among the evaluation metrics; available: "
+                          f"{sorted(k for k in metrics if k != 'num_test_samples')}")
+    value = float(metrics[reg.gate_metric])
+    if reg.min_gate_value is None:
+        return True, f"no evaluation gate (registry.min_gate_value is null); {reg.gate_metric}={value:.4f}"
+    if value >= reg.min_gate_value:
+        return True, f"{reg.gate_metric}={value:.4f} >= registry.min_gate_value={reg.min_gate_value}"
+    return False, f"{reg.gate_metric}={value:.4f} < registry.min_gate_value={reg.min_gate_value}: not registered"
+
+
 def decide(candidate: float, champion: float | None, margin: float, champion_exists: bool | None = None) -> Decision:
     """Promote iff there is no champion, or `candidate > champion + margin` (higher is better)."""
     exists = champion is not None if champion_exists is None else champion_exists
