@@ -299,6 +299,7 @@ def test_folded_model_round_trips_through_every_format(mct_exported) -> None:
 
 FRESH_PROCESS = """
 import json, sys, torch
+torch.set_num_threads(int(sys.argv[4]))  # bit-equal to the parent only with the same intra-op threads
 from lightclip_core.export.load import load_exported
 loaded = load_exported(sys.argv[1])
 inputs = torch.load(sys.argv[2], weights_only=True)
@@ -317,7 +318,8 @@ def test_an_export_loads_in_a_fresh_process_without_training_code(mct_exported, 
     images, texts = sample_inputs(model, batch=2)
     torch.save({"image": images, "text": texts}, tmp_path / "inputs.pt")
     run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(result.out_dir), str(tmp_path / "inputs.pt"),
-                          str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=120, check=False)
+                          str(tmp_path / "outputs.pt"), str(torch.get_num_threads())], capture_output=True,
+                         text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
     outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)

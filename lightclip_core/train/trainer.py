@@ -210,10 +210,13 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     local_batch_size(cfg, world.world_size)
     joined = world.distributed and not current_world().distributed
     world = init_from_env(cfg.train.dist_timeout_s)
-    result = _Trainer(cfg, Path(train_dir), Path(out_dir), sink, world).run()
-    if joined:
-        shutdown()
-    return result
+    threads = torch.get_num_threads()  # train.threads applies to this stage only, not to its caller
+    try:
+        return _Trainer(cfg, Path(train_dir), Path(out_dir), sink, world).run()
+    finally:
+        torch.set_num_threads(threads)
+        if joined:
+            shutdown()
 
 
 class _Trainer:
@@ -282,7 +285,8 @@ class _Trainer:
         if state is not None:
             set_rng_state(state["ranks"][world.rank]["rng"])
         elif world.distributed:
-            seed_everything(f"{t.seed}/rank{world.rank}", t.deterministic)  # random masks differ across ranks
+            # per-rank randomness (e.g. dropout); MLM masks do not use it: they are keyed by global sample index
+            seed_everything(f"{t.seed}/rank{world.rank}", t.deterministic)
         del state
 
         step_log = StepLog(self.out_dir / "train_log.csv", world.is_main, step)
