@@ -140,8 +140,26 @@ def test_accumulation_equals_a_manual_accumulation_reference(tiny, tmp_path):
     their own); the reference does exactly that by hand, on the same half batches in the same order."""
     cfg, train_dir = tiny
     cfg = with_train(cfg, accum_steps=2, max_steps=3, checkpoint_every=100)
+    threads = torch.get_num_threads()
     result = train(cfg, train_dir, tmp_path / "run")
+    assert torch.get_num_threads() == threads  # train.threads is the stage's own setting, not its caller's
 
+    torch.set_num_threads(cfg.train.threads)  # bit-equal only with the training's intra-op threads
+    try:
+        model, losses = _manual_accumulation(cfg, train_dir)
+    finally:
+        torch.set_num_threads(threads)
+    trained = load_checkpoint(result.final_checkpoint)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+    with open(result.train_log) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # optimizer steps, not micro-steps
+    assert [int(r["samples_seen"]) for r in rows] == [32, 64, 96] and result.samples_seen == 96
+    assert [float(r["loss"]) for r in rows] == pytest.approx(losses, rel=1e-12)
+
+
+def _manual_accumulation(cfg, train_dir):
+    """Three optimizer steps, each over two half batches in loader order, with the trainer's schedule and clipping."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model)
     model.visual.to(memory_format=torch.channels_last)
@@ -167,14 +185,7 @@ def test_accumulation_equals_a_manual_accumulation_reference(tiny, tmp_path):
         scheduler.step()
         loss_module.after_step()
         losses.append(sum(micro) / 2)
-
-    trained = load_checkpoint(result.final_checkpoint)["model"]
-    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
-    with open(result.train_log) as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # optimizer steps, not micro-steps
-    assert [int(r["samples_seen"]) for r in rows] == [32, 64, 96] and result.samples_seen == 96
-    assert [float(r["loss"]) for r in rows] == pytest.approx(losses, rel=1e-12)
+    return model, losses
 
 
 def test_grad_checkpointing_recomputes_the_image_trunk_and_trains_the_same_weights(tiny, tmp_path):
