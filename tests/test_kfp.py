@@ -263,3 +263,26 @@ def test_whole_dag_runs_locally_and_registers_the_model(tmp_path, s3_env, mlflow
     assert next(root.rglob("evaluate/report")).read_text().startswith("#")
     assert next(root.rglob("register/decision")).read_text().strip()
     assert not [p for p in root.rglob("*.tar")], "shards must stay in object storage, not travel as artifacts"
+
+
+# ------------------------------------------------------------------------------------------ stage helpers
+@pytest.mark.parametrize("shards, groups", [(1, 4), (2, 2), (7, 3), (16, 4), (10, 10), (5, 1)])
+def test_shard_groups_cover_every_shard_once_in_contiguous_non_empty_ranges(tmp_path, shards, groups):
+    from types import SimpleNamespace
+
+    from lightclip_core.pipeline.stages import shard_groups
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"url": f"s{i}.tar"} for i in range(shards)]}))
+    ranges = [tuple(map(int, r.split(":"))) for r in shard_groups(SimpleNamespace(path=str(tmp_path)), groups)]
+    assert len(ranges) == min(shards, groups)
+    assert [i for a, b in ranges for i in range(a, b)] == list(range(shards))
+    assert all(b > a for a, b in ranges) and max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_pure_stage_locations_follow_only_the_parameters_they_read():
+    from lightclip_core.config import validate
+    from lightclip_core.pipeline.stages import fingerprint
+
+    base = validate({})
+    assert fingerprint(base, "data") == fingerprint(validate({"train": {"lr": 0.5}}), "data")
+    assert fingerprint(base, "data") != fingerprint(validate({"data": {"seed": 7}}), "data")

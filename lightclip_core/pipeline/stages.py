@@ -148,8 +148,7 @@ def reinforce_group(params: str, storage_root: str, train: Any, teacher_model: A
 
     cfg = load(params)
     source = uri_of(train)
-    count = json.loads((Path(train.path) / MANIFEST).read_text())["shards"]
-    selected = parse_shard_range(shards, len(count))
+    selected = parse_shard_range(shards, len(json.loads((Path(train.path) / MANIFEST).read_text())["shards"]))
     teacher_dir = localise(uri_of(teacher_model))
     with StageRun(cfg, "reinforce", inputs={"teacher": teacher_dir}) as run:
         result = reinforce(cfg, source, reinforced_uri(cfg, storage_root), teacher_dir, selected, sink=run,
