@@ -234,7 +234,8 @@ def test_ensemble_concatenates_normalised_embeddings(registered, coca_dir, root)
     assert ensemble.scales == [pytest.approx(float(coca.logit_scale.exp())), 50.0]
     described = ensemble.describe()
     assert [d["dim"] for d in described] == [32, 24] and described[0]["mean"] == list(MEAN)
-    assert set(described[1]) == {"model", "pretrained", "dim", "logit_scale", "image_size", "mean", "std"}
+    assert set(described[1]) == {"model", "pretrained", "dim", "logit_scale", "image_size", "mean", "std",
+                                 "weights_sha256"}
 
     pictures = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8))
                 for i in range(3)]
@@ -402,3 +403,23 @@ def test_sampling_follows_the_renormalised_nucleus():
         assert counts[expected == 0].sum() == 0
         kept = expected > 0
         assert chisquare(counts[kept].numpy(), (expected[kept] * 200_000).numpy()).pvalue > 1e-4
+
+
+def test_a_teachers_description_changes_with_its_weights_and_only_with_them():
+    """The reinforcement fingerprint holds each teacher's weights digest: a retrained teacher at the same path (same
+    spec, perhaps the same clamped logit scale) must not reuse shards reinforced with the old one."""
+    from lightclip_core.reinforce.teachers import weights_digest
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model.register_buffer("scale", torch.tensor(4.6))  # 0-d tensors count too
+    same = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    same.register_buffer("scale", torch.tensor(4.6))
+    same.load_state_dict(model.state_dict())
+    assert weights_digest(model) == weights_digest(same)
+    with torch.no_grad():
+        same[0].weight[0, 0] += 1e-6
+    assert weights_digest(model) != weights_digest(same)
+    same.load_state_dict(model.state_dict())
+    same.scale.fill_(4.7)
+    assert weights_digest(model) != weights_digest(same)

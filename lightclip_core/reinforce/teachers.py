@@ -8,6 +8,8 @@ embedding, in ensemble order (the layout a reinforced dataset stores).
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import os
 from dataclasses import dataclass
@@ -142,9 +144,22 @@ class Teacher:
             raise TeacherLoadError(f"{describe_spec(spec)} has no logit_scale; set logit_scale in the spec")
 
     def describe(self) -> dict[str, Any]:
+        """What identifies this teacher in a reinforcement's fingerprint: the spec, and the weights themselves (a
+        retrained teacher at the same path, or a same-named checkpoint that changed, must not reuse shards)."""
         return {"model": self.spec.model, "pretrained": self.spec.pretrained, "dim": self.dim,
                 "logit_scale": self.logit_scale, "image_size": self.loaded.image_size,
-                "mean": list(self.loaded.mean), "std": list(self.loaded.std)}
+                "mean": list(self.loaded.mean), "std": list(self.loaded.std),
+                "weights_sha256": weights_digest(self.model)}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class TeacherEnsemble:
