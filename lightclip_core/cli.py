@@ -41,13 +41,9 @@ def _local_split(uri: str, what: str, flag: str) -> Path:
         return _existing(uri, what, flag)
     if not storage.exists(storage.join(uri, "manifest.json")):
         raise InputError(f"{flag}={uri!r}: {what} has no manifest.json")
-    return storage.fetch_to_local(uri.rstrip("/") + "/", _cache_dir())
+    return storage.fetch_to_local(uri.rstrip("/") + "/", storage.default_cache_dir())
 
 
-def _cache_dir() -> Path:
-    import tempfile
-
-    return Path(os.environ.get("LIGHTCLIP_CACHE") or Path(tempfile.gettempdir()) / "lightclip-cache")
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> dict:
@@ -72,7 +68,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> dict:
 
     train_dir = _local_split(args.data, "training split", "--data")
     remote = args.out if storage.is_s3(args.out) else None  # train locally, then publish (final.pt last)
-    out = _cache_dir() / "train-out" / storage.split_s3(remote)[1].strip("/") if remote else Path(args.out)
+    out = storage.default_cache_dir() / "train-out" / storage.split_s3(remote)[1].strip("/") if remote else Path(args.out)
     if not world_from_env().is_main:
         result = train(cfg, train_dir, out)
         return {"checkpoint": str(result.final_checkpoint), **result.metrics}

@@ -198,6 +198,12 @@ def s3_client():
     return s3.client()
 
 
+def default_cache_dir() -> Path:
+    """Where objects fetched from storage are kept: `$LIGHTCLIP_CACHE`, else `<tmp>/lightclip-cache`. Every task of
+    a node (and every pod of a pipeline) resolves it the same way, so they find each other's downloads."""
+    return Path(os.environ.get("LIGHTCLIP_CACHE") or Path(tempfile.gettempdir()) / "lightclip-cache")
+
+
 def fetch_to_local(uri: str, cache_dir: str | os.PathLike) -> Path:
     """A local path holding `uri`'s content. Local paths are returned as they are; `s3://bucket/key` is downloaded
     to `cache_dir/bucket/key` (atomically) and reused while its size and ETag match; `s3://bucket/prefix/` downloads

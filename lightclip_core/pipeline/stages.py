@@ -60,14 +60,9 @@ def workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
 
 
-def cache_dir() -> Path:
-    """Where objects from storage are kept between tasks of one node (re-downloaded only when their ETag changes)."""
-    return Path(os.environ.get("LIGHTCLIP_CACHE") or Path(tempfile.gettempdir()) / "lightclip-cache")
-
-
 def localise(uri: str) -> Path:
     """A local directory holding the objects under `uri` (the directory itself for a local root)."""
-    return storage.fetch_to_local(uri.rstrip("/") + "/" if storage.is_s3(uri) else uri, cache_dir())
+    return storage.fetch_to_local(uri.rstrip("/") + "/" if storage.is_s3(uri) else uri, storage.default_cache_dir())
 
 
 def run_command(name: str, cfg: Config, *args: str) -> dict[str, Any]:

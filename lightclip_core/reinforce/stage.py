@@ -325,7 +325,7 @@ def reinforce(cfg: Config, data_dir: str | Path, out_dir: str | Path, teacher_di
         (out_dir / ENTRIES).mkdir(exist_ok=True)
         cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".teacher-cache"
     else:
-        cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lightclip-cache"
+        cache_dir = Path(cache_dir) if cache_dir else storage.default_cache_dir()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     specs, captioner_spec = default_specs(cfg, teacher_dir)
