@@ -201,7 +201,7 @@ def runs(tmp_path_factory) -> tuple[list[dict], dict[str, dict]]:
         torch.set_num_threads(before)
         while not context.join():
             pass
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], references
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], references
 
 
 @pytest.fixture(scope="module")

@@ -136,33 +136,24 @@ def shard_groups(train: Any, groups: int) -> list[str]:
 
 
 def reinforce_group(params: str, storage_root: str, train: Any, teacher_model: Any, shards: str) -> str:
-    """One worker of the fan-out: reinforce shards `shards` of the split into the reinforced prefix. The manifest
-    is published once, by :func:`publish_reinforced`, after every group."""
-    from lightclip_core.reinforce.stage import parse_shard_range, reinforce
-    from lightclip_core.tracking.mlflow_utils import StageRun
-
+    """One worker of the fan-out: `lightclip reinforce --shards A:B --no-publish` into the reinforced prefix. The
+    manifest is published once, by :func:`publish_reinforced`, after every group."""
     cfg = load(params)
-    source = uri_of(train)
-    selected = parse_shard_range(shards, len(json.loads((Path(train.path) / MANIFEST).read_text())["shards"]))
-    teacher_dir = localise(uri_of(teacher_model))
-    with StageRun(cfg, "reinforce", inputs={"teacher": teacher_dir}) as run:
-        result = reinforce(cfg, source, reinforced_uri(cfg, storage_root), teacher_dir, selected, sink=run,
-                           publish=False)
-        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
+    run_command("reinforce", cfg, "--data", uri_of(train), "--teacher", str(localise(uri_of(teacher_model))),
+                "--out", reinforced_uri(cfg, storage_root), "--shards", shards, "--no-publish")
     return shards
 
 
 def publish_reinforced(params: str, storage_root: str, train: Any, teacher_model: Any, reinforced: Any) -> None:
-    """The join after the fan-out: rebuild the reinforced split's manifest from every group's entries, once (the
-    entries name the teachers by the same local path every group used)."""
-    from lightclip_core.reinforce.stage import publish_reinforced as publish
-
+    """The join after the fan-out: `lightclip publish-reinforced`, once (the entries name the teachers by the same
+    local path every group used); a missing shard fails the task."""
     cfg = load(params)
     uri = reinforced_uri(cfg, storage_root)
-    manifest = publish(cfg, uri_of(train), uri, localise(uri_of(teacher_model)))
-    if not manifest.get("reinforcement", {}).get("complete", False):
-        raise RuntimeError(f"{uri}: reinforcement incomplete after every group: "
-                           f"{manifest.get('reinforcement', {}).get('missing_shards')} shards missing")
+    summary = run_command("publish-reinforced", cfg, "--data", uri_of(train),
+                          "--teacher", str(localise(uri_of(teacher_model))), "--out", uri)
+    if not summary["complete"]:
+        raise RuntimeError(f"{uri}: reinforcement incomplete after every group: {summary['missing_shards']} shards "
+                           f"missing")
     work = workdir("reinforced")
     storage.download_file(storage.join(uri, MANIFEST), work / MANIFEST)
     describe_dataset(reinforced, uri, work)
