@@ -5,6 +5,7 @@ or refusing endpoint gives one line; and the whole pipeline runs end to end unde
 real S3 API (moto) and its runs and model in a real MLflow server."""
 from __future__ import annotations
 
+import builtins
 import http.server
 import json
 import os
@@ -221,6 +222,9 @@ def test_whole_dag_runs_locally_and_registers_the_model(tmp_path, s3_env, mlflow
                                         ["storage_root=s3://pipeline/lightclip", "reinforce_groups=2", "train_gpus=0"])
     pipeline = full.build_pipeline(arguments, parallelism=2, retries=0)  # fail fast here; retries are checked above
 
+    # kfp.local 2.17 swaps builtins.print for an indenting one around each task, unsafely across the ParallelFor's
+    # threads: two overlapping tasks can leave it swapped for good (every later print indented). Put it back after.
+    monkeypatch.setattr(builtins, "print", builtins.print)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"),
                raise_on_error=True)
     started = time.monotonic()
