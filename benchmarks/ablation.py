@@ -29,7 +29,7 @@ from common import ROOT, TABLE, median_after_warmup, publish  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.prepare import prepare  # noqa: E402
-from lightclip_core.evaluate.stage import evaluate  # noqa: E402
+from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
 from lightclip_core.train.trainer import plan_steps, train  # noqa: E402
 

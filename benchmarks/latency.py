@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightclip_core.config import ModelConfig  # noqa: E402
-from lightclip_core.data.tokenizer import tokenize  # noqa: E402
+from lightclip_core.models.tokenizer import tokenize  # noqa: E402
 from lightclip_core.export.exporter import (ImageEncoder, TextEncoder, export_onnx, export_program,  # noqa: E402
                                             parity_inputs)
 from lightclip_core.export.reparam import parameter_count, reparameterize  # noqa: E402

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.prepare import prepare  # noqa: E402
-from lightclip_core.data.tokenizer import trim_padding  # noqa: E402
+from lightclip_core.models.tokenizer import trim_padding  # noqa: E402
 from lightclip_core.losses import contrastive_loss  # noqa: E402
 from lightclip_core.models import build_model  # noqa: E402
 from lightclip_core.train.trainer import build_optimizer, make_loader  # noqa: E402

@@ -38,10 +38,10 @@ from lightclip_core.data.reinforced import decode_reinforcement  # noqa: E402
 from lightclip_core.data.shards import (decode_caption, decode_image, decode_meta,  # noqa: E402
                                          iter_raw_samples, read_manifest, shard_paths)
 from lightclip_core.data.synthetic import COLOURS, SHAPES  # noqa: E402
-from lightclip_core.evaluate.stage import evaluate  # noqa: E402
+from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
 from lightclip_core.reinforce.captioner import Captioner  # noqa: E402
-from lightclip_core.reinforce.stage import ShardReinforcer, Timer, default_specs  # noqa: E402
+from lightclip_core.reinforce.reinforcement import ShardReinforcer, Timer, default_specs  # noqa: E402
 from lightclip_core.reinforce.teachers import TeacherEnsemble  # noqa: E402
 from lightclip_core.train.checkpoint import list_checkpoints  # noqa: E402
 from lightclip_core.train.trainer import train  # noqa: E402

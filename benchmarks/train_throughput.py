@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     from open_clip_train.train import train_one_epoch
 
     from lightclip_core.models import build_model
-    from lightclip_core.train.distributed import init_from_env, shutdown
+    from lightclip_core.infra.distributed import init_from_env, shutdown
     from lightclip_core.train.trainer import build_optimizer, make_loader, seed_everything
 
     cfg = load_config(args.params)

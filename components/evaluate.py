@@ -9,6 +9,6 @@ def evaluate(params: str, storage_root: str, run_id: str, model: Input[Model], t
              checkpoint: Input[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              report: Output[Markdown]) -> bool:
     """Zero-shot classification and retrieval; returns whether the model passes the evaluation gate."""
-    from lightclip_core.pipeline import stages
+    from lightclip_core.pipeline import bodies
 
-    return stages.evaluate(params, storage_root, run_id, model, test, checkpoint, metrics, confusion, report)
+    return bodies.evaluate(params, storage_root, run_id, model, test, checkpoint, metrics, confusion, report)

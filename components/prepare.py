@@ -7,6 +7,6 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare(params: str, storage_root: str, train: Output[Dataset], test: Output[Dataset]):
     """Generate or ingest the dataset into shards in object storage; the artifacts hold the split manifests."""
-    from lightclip_core.pipeline import stages
+    from lightclip_core.pipeline import bodies
 
-    stages.prepare(params, storage_root, train, test)
+    bodies.prepare(params, storage_root, train, test)

@@ -8,6 +8,6 @@ from components.image import IMAGE
 def register(params: str, run_id: str, model: Input[Model], evaluation: Input[Markdown], checkpoint: Input[Model],
              train: Input[Dataset], test: Input[Dataset], decision: Output[Markdown]):
     """Register the evaluated model in MLflow; `champion` moves only if it beats the current one."""
-    from lightclip_core.pipeline import stages
+    from lightclip_core.pipeline import bodies
 
-    stages.register(params, run_id, model, evaluation, checkpoint, train, test, decision)
+    bodies.register(params, run_id, model, evaluation, checkpoint, train, test, decision)

@@ -7,6 +7,6 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def teacher(params: str, storage_root: str, train: Input[Dataset], model: Output[Model]):
     """Train the embedded default's teachers (the CoCa captioner and a second CLIP) on the training split."""
-    from lightclip_core.pipeline import stages
+    from lightclip_core.pipeline import bodies
 
-    stages.teacher(params, storage_root, train, model)
+    bodies.teacher(params, storage_root, train, model)

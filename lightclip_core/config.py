@@ -2,6 +2,9 @@
 
 Every command loads its parameters through :func:`load_config`; a bad value raises :class:`ConfigError`, whose
 message names the field, the value and what is allowed. The CLI turns it into exit code 2 before any work.
+
+This module composes the sections. The `model` section's classes belong to the models (lightclip_core/models/config.py)
+and the section base and ConfigError to the bottom layer (lightclip_core/infra/schema.py); both are re-exported here.
 """
 from __future__ import annotations
 
@@ -10,19 +13,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lightclip_core.infra.schema import ConfigError, Section, merge
+from lightclip_core.models.config import ImageConfig, ModelConfig, TextConfig
 
-class ConfigError(ValueError):
-    """A parameter is invalid. The message is one line: field, value, what is allowed."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["CocaTeacherConfig", "Config", "ConfigError", "ContrastiveObjectiveConfig", "DEFAULT_TEMPLATES",
+           "DataConfig", "DistillObjectiveConfig", "EvaluateConfig", "ExportConfig", "FusionPoint", "ImageConfig",
+           "IngestData", "MLMObjectiveConfig", "ModelConfig", "ObjectivesConfig", "RegistryConfig",
+           "ReinforceConfig", "SyntheticData", "TeacherConfig", "TeacherSpec", "TextConfig", "TokenObjectiveConfig",
+           "TrackingConfig", "TrainConfig", "flatten", "load_config", "parse_overrides", "validate"]
 
 
 # --------------------------------------------------------------------------------------------------- data
-class SyntheticData(_Section):
+class SyntheticData(Section):
     num_train: int = Field(20000, ge=1)
     num_val: int = Field(1000, ge=1)
     num_test: int = Field(1000, ge=1)
@@ -30,7 +34,7 @@ class SyntheticData(_Section):
     noise_fraction: float = Field(0.1, ge=0.0, le=1.0, description="fraction of captions with a wrong attribute")
 
 
-class IngestData(_Section):
+class IngestData(Section):
     path: str | None = Field(None, description="input directory, tar shard directory or caption JSON")
     images_dir: str | None = Field(None, description="image root for `coco` caption JSON")
     class_names: str | None = Field(None, description="optional file with one class name per line (imagefolder)")
@@ -45,7 +49,7 @@ class IngestData(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["synthetic", "webdataset", "coco", "imagefolder"] = "synthetic"
     seed: int = Field(0, ge=0)
     samples_per_shard: int = Field(2000, ge=1)
@@ -67,95 +71,8 @@ class DataConfig(_Section):
         return self
 
 
-# -------------------------------------------------------------------------------------------------- model
-class TextConfig(_Section):
-    kind: Literal["transformer", "mct"] = Field(
-        "transformer", description="mct: MobileCLIP's RepMixer block, `layers` transformer layers, RepMixer block")
-    context_length: int = Field(32, ge=4, le=77)
-    width: int = Field(256, ge=8)
-    heads: int = Field(4, ge=1)
-    layers: int = Field(4, ge=1, le=24, description="transformer layers (for mct: between the two RepMixer blocks)")
-    mlp_ratio: float = Field(4.0, gt=0)
-    causal: bool = Field(True, description="causal attention as in CLIP; false: bidirectional, padding masked")
-    mixer_kernel: int = Field(11, ge=1, description="mct: width of the 1 x k depthwise token-mixing kernel")
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> TextConfig:
-        if self.width % self.heads:
-            raise ValueError(f"text.width={self.width} must be divisible by text.heads={self.heads}")
-        return self
-
-    @field_validator("mixer_kernel")
-    @classmethod
-    def _odd_kernel(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"must be odd so that token mixing keeps the sequence length, got {k}")
-        return k
-
-
-class ImageConfig(_Section):
-    tower: str = Field("mobilenetv2_100", description="any timm model name")
-    size: int = Field(64, ge=16, le=1024)
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-
-    @field_validator("tower")
-    @classmethod
-    def _known_tower(cls, name: str) -> str:
-        import timm
-
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
-        return name
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(std) <= 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        return std
-
-
-class ModelConfig(_Section):
-    """A null value in this section means "not set": the field takes the preset's value, else its default."""
-
-    preset: str | None = Field(None, description="a named model (lightclip_core/models/registry.py)")
-    embed_dim: int = Field(256, ge=8)
-    init_logit_scale: float = Field(2.6592, description="log(1/0.07), the CLIP initialisation")
-    max_logit_scale: float = Field(100.0, gt=1.0)
-    image: ImageConfig = ImageConfig()
-    text: TextConfig = TextConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_from_preset(cls, data: Any) -> Any:
-        # A null counts as unset, like an absent key: params.yaml spells out every field (null where a preset may
-        # fill it), so `dvc exp run -S model.preset=...` takes effect without deleting lines.
-        if not isinstance(data, dict):
-            return data
-        from lightclip_core.models.registry import is_preset, preset_values
-
-        explicit = _drop_nulls(data)
-        name = explicit.get("preset")
-        return _merge(preset_values(name), explicit) if isinstance(name, str) and is_preset(name) else explicit
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, name: str | None) -> str | None:
-        from lightclip_core.models.registry import is_preset, list_presets
-
-        if name is not None and not is_preset(name):
-            raise ValueError(f"unknown model preset; known: {', '.join(list_presets())}")
-        return name
-
-
-def _drop_nulls(tree: dict[str, Any]) -> dict[str, Any]:
-    return {k: _drop_nulls(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
-
-
 # -------------------------------------------------------------------------------------------------- train
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Training. `batch_size` is the global batch of one optimizer step: a data-parallel job of N ranks with
     `accum_steps` micro-steps gives each rank batch_size / (N * accum_steps) samples per micro-step, so the same
     parameters train the same model on 1 or N processes (no learning-rate rescaling)."""
@@ -201,7 +118,7 @@ class TrainConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- objectives
-class ContrastiveObjectiveConfig(_Section):
+class ContrastiveObjectiveConfig(Section):
     """Instance level: CLIP's loss over the batch, with softened targets for the negatives (LightCLIP 1.1)."""
 
     enabled: bool = True
@@ -218,7 +135,7 @@ class ContrastiveObjectiveConfig(_Section):
     similarity_temperature: float = Field(1.0, gt=0.0, description="divides the (scaled) similarity logits")
 
 
-class TokenObjectiveConfig(_Section):
+class TokenObjectiveConfig(Section):
     """Token level: words matched to patches by a (relaxed) bipartite assignment (LightCLIP 1.2)."""
 
     enabled: bool = True
@@ -232,12 +149,12 @@ class TokenObjectiveConfig(_Section):
     temperature: float = Field(0.1, gt=0.0, description="softmax loss temperature")
 
 
-class FusionPoint(_Section):
+class FusionPoint(Section):
     text_layer: int = Field(ge=0, description="0-based transformer layer after which the block attends")
     image_stride: int = Field(ge=1, description="the image-tower stage (its stride) attended to")
 
 
-class MLMObjectiveConfig(_Section):
+class MLMObjectiveConfig(Section):
     """Masked language modelling on a second text pass fused with image stage maps (LightCLIP 1.3)."""
 
     enabled: bool = True
@@ -251,7 +168,7 @@ class MLMObjectiveConfig(_Section):
     batch_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the batch the masked pass reads")
 
 
-class DistillObjectiveConfig(_Section):
+class DistillObjectiveConfig(Section):
     """MobileCLIP's distillation from the teacher embeddings a reinforced dataset stores (METHOD.md 2.2)."""
 
     enabled: bool = Field(True, description="needs a reinforced training split (`lightclip reinforce`)")
@@ -270,7 +187,7 @@ class DistillObjectiveConfig(_Section):
         return scales
 
 
-class ObjectivesConfig(_Section):
+class ObjectivesConfig(Section):
     contrastive: ContrastiveObjectiveConfig = ContrastiveObjectiveConfig()
     token: TokenObjectiveConfig = TokenObjectiveConfig()
     mlm: MLMObjectiveConfig = MLMObjectiveConfig()
@@ -284,7 +201,7 @@ class ObjectivesConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------- teacher, reinforce
-class TeacherSpec(_Section):
+class TeacherSpec(Section):
     """One open_clip model, loaded through open_clip's own factory."""
 
     model: str = Field(min_length=1, description="open_clip model name (ViT-L-14, coca_ViT-B-32), or "
@@ -293,7 +210,7 @@ class TeacherSpec(_Section):
     logit_scale: float | None = Field(None, gt=0, description="fixed distillation scale s_k; null: the model's own")
 
 
-class CocaTeacherConfig(_Section):
+class CocaTeacherConfig(Section):
     """A teacher the `teacher` stage trains on the training split, since no weights can be downloaded: open_clip's
     CoCa with a small config (contrastive plus captioning loss; also the captioner), or open_clip's CLIP with a timm
     image tower (contrastive loss; a second, different teacher)."""
@@ -338,7 +255,7 @@ class CocaTeacherConfig(_Section):
         return self
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     train: CocaTeacherConfig = CocaTeacherConfig()
     second: CocaTeacherConfig | None = Field(
         default_factory=lambda: CocaTeacherConfig(kind="clip", tower="resnet18", embed_dim=256, text_width=256,
@@ -350,7 +267,7 @@ class TeacherConfig(_Section):
     captioner: TeacherSpec | None = Field(None, description="an open_clip CoCa model; null: the trained teacher")
 
 
-class ReinforceConfig(_Section):
+class ReinforceConfig(Section):
     """Dataset reinforcement (METHOD.md 2.1): augmentations, synthetic captions and teacher embeddings, once."""
 
     num_augmentations: int = Field(5, ge=1, le=100)
@@ -377,7 +294,7 @@ class ReinforceConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------- export
-class ExportConfig(_Section):
+class ExportConfig(Section):
     onnx: bool = True
     opset: int = Field(18, ge=13, le=23)
     parity_tolerance: float = Field(1e-4, gt=0)
@@ -388,7 +305,7 @@ class ExportConfig(_Section):
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture showing a {}.")
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     tasks: list[str] | None = Field(None, description="zero-shot tasks from the test manifest; default: all")
     templates: list[str] = list(DEFAULT_TEMPLATES)
     recall_at: list[int] = [1, 5, 10]
@@ -413,7 +330,7 @@ class EvaluateConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------------- tracking
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     experiment: str = Field("lightclip", min_length=1)
     uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo")
     enabled: bool = True
@@ -424,7 +341,7 @@ class TrackingConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------------- registry
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     enabled: bool = True
     model_name: str = Field("lightclip", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             description="registered model name: letters, digits, _ . -")
@@ -436,7 +353,7 @@ class RegistryConfig(_Section):
                           "(the Kubeflow DAG's dsl.If); null: every evaluated model is registered")
 
 
-class Config(_Section):
+class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -501,13 +418,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
@@ -529,5 +439,5 @@ def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[
         if not isinstance(raw, dict):
             raise ConfigError(f"params file {str(p)!r}: top level must be a mapping, got {type(raw).__name__}")
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
+        raw = merge(raw, parse_overrides(overrides))
     return validate(raw)

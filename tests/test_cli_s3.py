@@ -11,8 +11,8 @@ from helpers_tiny import TINY, merge
 
 from lightclip_core.cli import main
 from lightclip_core.config import validate
-from lightclip_core.data import storage
 from lightclip_core.data.prepare import prepare
+from lightclip_core.infra import storage
 from lightclip_core.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

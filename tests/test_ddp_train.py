@@ -117,7 +117,7 @@ def test_a_killed_rank_fails_the_job_fast_and_is_named(data, tmp_path):
 
 POISON = '''\
 import os, sys
-from lightclip_core.losses.module import TrainingLoss
+from lightclip_core.losses.objective import TrainingLoss
 
 real = TrainingLoss.forward
 

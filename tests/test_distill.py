@@ -11,11 +11,10 @@ from open_clip.loss import ClipLoss, DistillClipLoss
 from scipy.special import log_softmax, softmax
 
 from lightclip_core.config import Config
-from lightclip_core.data.tokenizer import tokenize, trim_padding
 from lightclip_core.losses import StepContext, contrastive_loss
-from lightclip_core.losses.distill import (DistillationObjective, distillation_kd, mobileclip_loss,
-                                           teacher_probabilities)
+from lightclip_core.losses.distill import DistillationObjective, distillation_kd, mobileclip_loss, teacher_probabilities
 from lightclip_core.models import build_model
+from lightclip_core.models.tokenizer import tokenize, trim_padding
 
 MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
          "text": {"context_length": 24, "width": 32, "heads": 2, "layers": 2}}

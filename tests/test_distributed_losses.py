@@ -26,12 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightclip_core.config import Config
-from lightclip_core.data.tokenizer import tokenize, trim_padding
-from lightclip_core.losses.build import build_objectives
 from lightclip_core.losses.instance import ContrastiveObjective
 from lightclip_core.losses.mlm import MaskedLanguageObjective, selected_rows
-from lightclip_core.losses.module import TrainingLoss
+from lightclip_core.losses.objective import TrainingLoss, build_objectives
 from lightclip_core.models import build_model
+from lightclip_core.models.tokenizer import tokenize, trim_padding
 
 WORLD = 2
 MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},

@@ -15,13 +15,13 @@ from PIL import Image
 
 from lightclip_core.config import Config
 from lightclip_core.data.shards import Sample, ShardSetWriter
-from lightclip_core.data.tokenizer import tokenize
+from lightclip_core.evaluate.evaluation import evaluate
 from lightclip_core.evaluate.retrieval import retrieval_metrics
-from lightclip_core.evaluate.stage import evaluate
-from lightclip_core.evaluate.zeroshot import classification_metrics, zero_shot_weights
+from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.exporter import export
 from lightclip_core.export.load import load_exported
-from lightclip_core.models.clip import CLIP
+from lightclip_core.models.clip import CLIP, zero_shot_weights
+from lightclip_core.models.tokenizer import tokenize
 from lightclip_core.train.checkpoint import save_checkpoint
 
 TINY_MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from torch import nn
 
 from lightclip_core.config import Config
-from lightclip_core.data.tokenizer import tokenize
 from lightclip_core.export.exporter import (ExportParityError, check_parity, export, measure_parity, onnx_runners,
                                             parity_inputs, pytorch_runners, reference_outputs, write_weights)
 from lightclip_core.export.load import build_model_from_config, load_exported
 from lightclip_core.models.clip import CLIP
+from lightclip_core.models.tokenizer import tokenize
 from lightclip_core.train.checkpoint import save_checkpoint
 
 TINY_MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
@@ -215,8 +215,8 @@ def test_torch_export_programs_round_trip_with_a_dynamic_batch(exported) -> None
 
 
 def test_metadata_gives_a_consumer_the_preprocessing_and_the_tokenizer(exported) -> None:
-    from lightclip_core.data.storage import sha256_file
-    from lightclip_core.data.tokenizer import tokenizer_from_file
+    from lightclip_core.infra.storage import sha256_file
+    from lightclip_core.models.tokenizer import tokenizer_from_file
 
     cfg, _, result = exported
     config = json.loads((result.out_dir / "config.json").read_text())

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lightclip_core.launch import trainjob as launcher
+from lightclip_core.launch import manifests as launcher
 from lightclip_core.launch.crd_schema import CustomResourceValidator, cel_predicate, cel_rules_in, load_crd
 
 REPO = Path(__file__).resolve().parents[1]

@@ -274,7 +274,7 @@ def test_whole_dag_runs_locally_and_registers_the_model(tmp_path, s3_env, mlflow
 def test_shard_groups_cover_every_shard_once_in_contiguous_non_empty_ranges(tmp_path, shards, groups):
     from types import SimpleNamespace
 
-    from lightclip_core.pipeline.stages import shard_groups
+    from lightclip_core.pipeline.bodies import shard_groups
 
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"url": f"s{i}.tar"} for i in range(shards)]}))
     ranges = [tuple(map(int, r.split(":"))) for r in shard_groups(SimpleNamespace(path=str(tmp_path)), groups)]
@@ -285,8 +285,11 @@ def test_shard_groups_cover_every_shard_once_in_contiguous_non_empty_ranges(tmp_
 
 def test_pure_stage_locations_follow_only_the_parameters_they_read():
     from lightclip_core.config import validate
-    from lightclip_core.pipeline.stages import fingerprint
+    from lightclip_core.stages.params import stage_fingerprint
 
     base = validate({})
-    assert fingerprint(base, "data") == fingerprint(validate({"train": {"lr": 0.5}}), "data")
-    assert fingerprint(base, "data") != fingerprint(validate({"data": {"seed": 7}}), "data")
+    for stage in ("prepare", "teacher", "reinforce"):
+        assert stage_fingerprint(base, stage) == stage_fingerprint(validate({"train": {"lr": 0.5}}), stage)
+        assert stage_fingerprint(base, stage) != stage_fingerprint(validate({"data": {"seed": 7}}), stage)
+    assert stage_fingerprint(base, "prepare") == stage_fingerprint(validate({"reinforce": {"seed": 3}}), "prepare")
+    assert stage_fingerprint(base, "reinforce") != stage_fingerprint(validate({"reinforce": {"seed": 3}}), "reinforce")

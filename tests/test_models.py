@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lightclip_core.config import ModelConfig
-from lightclip_core.data.tokenizer import tokenize
 from lightclip_core.models import build_model
+from lightclip_core.models.tokenizer import tokenize
 
 TINY = ModelConfig.model_validate({
     "embed_dim": 32, "image": {"tower": "mobilenetv2_050", "size": 32},
@@ -61,7 +61,7 @@ def test_no_weight_decay_covers_biases_norms_embeddings_and_temperature():
 
 
 def test_trimming_unused_padding_leaves_text_embeddings_unchanged():
-    from lightclip_core.data.tokenizer import trim_padding
+    from lightclip_core.models.tokenizer import trim_padding
 
     model = tiny_model()
     tokens = tokenize(["a red circle", "a large blue square at the top of the picture"], 16)
@@ -85,7 +85,7 @@ TEXT_VARIANTS = [("transformer", False), ("mct", False), ("mct", True)]
 def test_padding_never_reaches_bidirectional_or_convolutional_text_towers(kind: str, causal: bool):
     """Neither attention nor the token-mixing convolutions see past end-of-text: the padding's content and the
     padded length leave the embedding unchanged (so trimming padding in training is exact for every tower)."""
-    from lightclip_core.data.tokenizer import trim_padding
+    from lightclip_core.models.tokenizer import trim_padding
 
     model = text_variant(kind, causal)
     tokens = tokenize(["a small red circle", "a large blue square at the top of the picture"], 16)

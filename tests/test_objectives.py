@@ -14,16 +14,14 @@ import torch.nn.functional as F
 
 from lightclip_core.config import Config, ConfigError, validate
 from lightclip_core.data.prepare import prepare
-from lightclip_core.data.tokenizer import special_token_ids, tokenize, trim_padding, vocab_size, word_mask
 from lightclip_core.export.exporter import export, model_from_checkpoint
 from lightclip_core.export.load import load_exported
 from lightclip_core.losses import StepContext
-from lightclip_core.losses.build import build_objectives, forward_needs
-from lightclip_core.losses.instance import ContrastiveObjective
+from lightclip_core.losses.instance import ContrastiveObjective, eps_at
 from lightclip_core.losses.mlm import FusionBlock, MaskedLanguageObjective, mask_tokens
-from lightclip_core.losses.module import TrainingLoss
-from lightclip_core.losses.soft_targets import eps_at
+from lightclip_core.losses.objective import TrainingLoss, build_objectives, forward_needs
 from lightclip_core.models import build_model
+from lightclip_core.models.tokenizer import special_token_ids, tokenize, trim_padding, vocab_size, word_mask
 from lightclip_core.train.checkpoint import list_checkpoints, load_checkpoint
 from lightclip_core.train.trainer import TrainingDiverged, build_optimizer, train
 

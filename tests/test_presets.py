@@ -9,10 +9,10 @@ import torch
 from helpers_reparam import randomize_statistics
 
 from lightclip_core.config import Config, ConfigError, ModelConfig, load_config
-from lightclip_core.data.tokenizer import tokenize
 from lightclip_core.export.reparam import parameter_count, reparameterize
 from lightclip_core.models import build_model
 from lightclip_core.models.registry import list_presets, register_preset
+from lightclip_core.models.tokenizer import tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["lightclip-effb0-s", "lightclip-mnv2-s", "mobileclip-s0", "mobileclip-s1", "mobileclip-s2"]

@@ -21,12 +21,12 @@ from mlflow import MlflowClient
 from lightclip_core.cli import EXIT_BAD_INPUT, main
 from lightclip_core.config import Config
 from lightclip_core.data.prepare import prepare
-from lightclip_core.evaluate.stage import evaluate
+from lightclip_core.evaluate.evaluation import evaluate
 from lightclip_core.export.exporter import export
+from lightclip_core.export.inference import Embedder
 from lightclip_core.models.clip import CLIP
-from lightclip_core.tracking import registry
-from lightclip_core.tracking.inference import Embedder
-from lightclip_core.tracking.registry import decide
+from lightclip_core.register.registration import decide
+from lightclip_core.register import registration as registry
 from lightclip_core.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts(at_server, evaluated, ch
                                                       (0.5, 0.49, False)])
 def test_evaluation_gate_registers_only_models_at_or_above_the_minimum(threshold, value, passes):
     from lightclip_core.config import validate
-    from lightclip_core.tracking.registry import gate_passes
+    from lightclip_core.register.registration import gate_passes
 
     cfg = validate({"registry": {"min_gate_value": threshold}})
     passed, reason = gate_passes(cfg, {"zeroshot/colour_shape/top1": value, "num_test_samples": 10})
@@ -276,7 +276,7 @@ def test_evaluation_gate_registers_only_models_at_or_above_the_minimum(threshold
 
 def test_evaluation_gate_names_a_missing_metric():
     from lightclip_core.config import ConfigError, validate
-    from lightclip_core.tracking.registry import gate_passes
+    from lightclip_core.register.registration import gate_passes
 
     with pytest.raises(ConfigError, match="registry.gate_metric"):
         gate_passes(validate({}), {"zeroshot/colour/top1": 0.5})

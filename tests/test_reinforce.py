@@ -18,7 +18,7 @@ from lightclip_core.data.prepare import prepare
 from lightclip_core.data.reinforced import decode_reinforcement
 from lightclip_core.data.shards import iter_raw_samples, read_manifest, shard_paths, verify_shards
 from lightclip_core.reinforce.coca_teacher import train_coca_teacher
-from lightclip_core.reinforce.stage import ShardReinforcer, default_specs, reinforce
+from lightclip_core.reinforce.reinforcement import ShardReinforcer, default_specs, reinforce
 from lightclip_core.reinforce.teachers import TeacherEnsemble
 from lightclip_core.train.trainer import train
 
@@ -158,7 +158,7 @@ def test_an_undecodable_image_is_skipped_and_counted(base, tmp_path):
                 sample["png"] = b"not an image"
             sink.write(sample)
         sink.close()
-    from lightclip_core.data.storage import sha256_file, write_json_atomic
+    from lightclip_core.infra.storage import sha256_file, write_json_atomic
 
     write_json_atomic(src / "manifest.json", {**manifest, "num_samples": 8, "shards": [
         {"url": "train-000000.tar", "num_samples": 8, "sha256": sha256_file(src / "train-000000.tar")}]})
@@ -276,7 +276,7 @@ def test_published_datacompdr_shards_are_indexed_and_trained_on(reinforced, tmp_
 
 def test_distillation_scales_come_from_the_manifest_unless_overridden():
     from lightclip_core.config import ConfigError
-    from lightclip_core.losses.build import build_objectives
+    from lightclip_core.losses.objective import build_objectives
     from lightclip_core.models import build_model
 
     reinforcement = {"dims": [32, 16], "scales": [13.5, 14.0]}

@@ -7,12 +7,13 @@ import uuid
 
 import numpy as np
 import pytest
-from test_reinforce import TINY, base, config, reinforced  # noqa: F401  (the module-scoped split, teachers and local run)
+from test_reinforce import (TINY, base, config,  # noqa: F401  (the module-scoped split, teachers and local run)
+                            reinforced)
 
-from lightclip_core.data import storage
 from lightclip_core.data.reinforced import decode_reinforcement
 from lightclip_core.data.shards import iter_raw_samples, read_manifest, shard_paths
-from lightclip_core.reinforce.stage import publish_reinforced, reinforce
+from lightclip_core.infra import storage
+from lightclip_core.reinforce.reinforcement import publish_reinforced, reinforce
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,8 @@ import torch
 
 from lightclip_core.data.shards import (ShardSetWriter, ShardStream, decode_image, decode_meta, iter_raw_samples,
                                         read_manifest, shard_paths, verify_shards)
-from lightclip_core.data.storage import sha256_file
 from lightclip_core.data.synthetic import make_sample
+from lightclip_core.infra.storage import sha256_file
 
 NUM_SAMPLES = 57
 PER_SHARD = 10

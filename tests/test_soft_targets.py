@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from lightclip_core.losses.soft_targets import eps_at, similarity_targets, soft_clip_loss, uniform_targets
+from lightclip_core.losses.instance import eps_at, similarity_targets, soft_clip_loss, uniform_targets
 
 
 def _features(n: int, d: int = 16, seed: int = 0, dtype=torch.float64, grad: bool = False):

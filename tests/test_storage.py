@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from lightclip_core.data import storage
+from lightclip_core.infra import storage
 
 KEY_ID, SECRET = "AKIALIGHTCLIPKEY0001", "lightclip-secret-do-not-log-0001"
 _MiB = 1 << 20

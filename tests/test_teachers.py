@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from lightclip_core.config import CocaTeacherConfig, Config, TeacherSpec
 from lightclip_core.data.prepare import prepare
-from lightclip_core.data.storage import fetch_to_local, is_s3
+from lightclip_core.infra.storage import fetch_to_local, is_s3
 from lightclip_core.reinforce import coca_teacher as ct
 from lightclip_core.reinforce.captioner import Captioner, next_token_logits, top_p_filter
 from lightclip_core.reinforce.teachers import TeacherEnsemble, TeacherLoadError, load_open_clip, resolve_spec
@@ -366,8 +366,8 @@ def test_captioner_refuses_a_model_without_a_decoder(registered, root):
 def test_a_fresh_coca_teacher_has_no_uninitialised_parameters(tmp_path):
     """open_clip leaves CoCa's decoder projection as `torch.empty`; deterministic mode fills such memory with NaN, so
     a NaN here means a parameter was never initialised."""
-    from lightclip_core.reinforce.coca_teacher import coca_model_config, create_from_dir, preprocess_config, \
-        write_config
+    from lightclip_core.reinforce.coca_teacher import (coca_model_config, create_from_dir, preprocess_config,
+                                                       write_config)
 
     c = tiny_coca()
     write_config(tmp_path, coca_model_config(c), preprocess_config(c.image_size, [0.5] * 3, [0.5] * 3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightclip_core.losses.token_alignment import assign_words_to_patches, match_batch, token_alignment_loss
+from lightclip_core.losses.token import assign_words_to_patches, match_batch, token_alignment_loss
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -12,10 +12,9 @@ import torch
 from lightclip_core.cli import main
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.prepare import prepare
-from lightclip_core.data.tokenizer import trim_padding
-from lightclip_core.losses.build import build_objectives
-from lightclip_core.losses.module import TrainingLoss
+from lightclip_core.losses.objective import TrainingLoss, build_objectives
 from lightclip_core.models import build_model
+from lightclip_core.models.tokenizer import trim_padding
 from lightclip_core.train.checkpoint import checksum_path, list_checkpoints, load_checkpoint
 from lightclip_core.train.data import make_loader
 from lightclip_core.train.schedule import build_scheduler, warmup_cosine

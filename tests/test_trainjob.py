@@ -24,9 +24,10 @@ from kubernetes.client.rest import ApiException
 from lightclip_core.config import load_config
 from lightclip_core.launch import command
 from lightclip_core.launch.crd_schema import CustomResourceValidator, cel_predicate, cel_rules_in, load_crd
-from lightclip_core.launch.trainjob import (AlreadyExists, ApiUnavailable, LaunchConfigError, LaunchError,
-                                            TrainJobFailed, TrainJobLauncher, TrainJobSpec, TrainJobTimeout,
-                                            build_trainjob, load_params, required_permissions)
+from lightclip_core.launch.manifests import (AlreadyExists, ApiUnavailable, LaunchConfigError, LaunchError,
+                                             TrainJobFailed, TrainJobSpec, TrainJobTimeout, build_trainjob, load_params,
+                                             required_permissions)
+from lightclip_core.launch.trainjob import TrainJobLauncher
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "infra" / "crds"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 
-from lightclip_core.data.storage import atomic_path, join, read_versioned_json, sha256_file, write_json_atomic
+from lightclip_core.infra.storage import atomic_path, join, read_versioned_json, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -15,7 +15,7 @@ from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightclip_core.data.storage import atomic_path
+from lightclip_core.infra.storage import atomic_path
 
 _MAX_TICK_LABELS = 40  # beyond this, class names overlap into an unreadable band
 

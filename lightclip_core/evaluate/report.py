@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightclip_core.config import Config
-from lightclip_core.data.storage import write_bytes_atomic
+from lightclip_core.infra.storage import write_bytes_atomic
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 HEADLINE_RETRIEVAL = "retrieval/image_to_text/R@1"

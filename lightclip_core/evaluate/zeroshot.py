@@ -1,27 +1,10 @@
-"""Zero-shot classification: class embeddings from prompt templates, and the metrics of the resulting logits."""
+"""Zero-shot classification metrics of a model's logits (its classifier weights: models.clip.zero_shot_weights)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from lightclip_core.models.clip import CLIP
-
-
-@torch.inference_mode()
-def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str],
-                      tokenize: Callable[[list[str]], torch.Tensor], batch_size: int = 256) -> torch.Tensor:
-    """`[D, C]` classifier: per class, the mean of its normalised template embeddings, renormalised."""
-    if not classnames or not templates:
-        raise ValueError(f"zero-shot needs classes and templates, got {len(classnames)} and {len(templates)}")
-    prompts = [template.format(name) for name in classnames for template in templates]
-    device = next(model.parameters()).device
-    chunks = [model.encode_text(tokenize(prompts[i:i + batch_size]).to(device), normalize=True)
-              for i in range(0, len(prompts), batch_size)]
-    per_template = torch.cat(chunks).view(len(classnames), len(templates), -1)
-    return F.normalize(per_template.mean(dim=1), dim=-1).T.contiguous()
 
 
 def _as_numpy(x: Any) -> np.ndarray:

@@ -28,13 +28,13 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from lightclip_core.config import Config, ExportConfig, ModelConfig
-from lightclip_core.data.storage import atomic_path, sha256_file, write_json_atomic
-from lightclip_core.data.tokenizer import tokenize, tokenizer_spec, vocab_file
 from lightclip_core.export.format import (CONFIG_FILE, ENCODER_INPUTS, FORMAT_VERSION, ONNX_FILES, ONNX_INPUTS,
                                           ONNX_OUTPUT, PARITY_FILE, PROGRAM_FILES, TOKENIZER_VOCAB_FILE, WEIGHTS_FILE)
 from lightclip_core.export.prune import drop_modules, unreachable_modules
 from lightclip_core.export.reparam import parameter_count, reparameterize
+from lightclip_core.infra.storage import atomic_path, sha256_file, write_json_atomic
 from lightclip_core.models.clip import CLIP
+from lightclip_core.models.tokenizer import tokenize, tokenizer_spec, vocab_file
 from lightclip_core.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -23,14 +23,13 @@ from PIL import Image
 from safetensors.torch import load_model
 
 from lightclip_core.config import DEFAULT_TEMPLATES, ModelConfig
-from lightclip_core.data.storage import read_versioned_json, sha256_file
-from lightclip_core.data.tokenizer import TOKENIZER_NAME, tokenizer_from_file
 from lightclip_core.data.transforms import image_transform
-from lightclip_core.evaluate.zeroshot import zero_shot_weights
 from lightclip_core.export.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from lightclip_core.export.prune import drop_modules
 from lightclip_core.export.reparam import reparameterize
-from lightclip_core.models.clip import CLIP
+from lightclip_core.infra.storage import read_versioned_json, sha256_file
+from lightclip_core.models.clip import CLIP, zero_shot_weights
+from lightclip_core.models.tokenizer import TOKENIZER_NAME, tokenizer_from_file
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from lightclip_core.config import ConfigError
-from lightclip_core.launch.trainjob import (DEFAULT_MLFLOW_AUTH_SECRET, DEFAULT_MLFLOW_CONFIGMAP, DEFAULT_RUNTIME,
-                                            DEFAULT_S3_SECRET,
-                                            RUNTIME_KINDS, ApiUnavailable, LaunchConfigError, LaunchError,
-                                            TrainJobFailed, TrainJobLauncher, TrainJobSpec, build_params_configmap,
-                                            build_trainjob, load_params)
+from lightclip_core.launch.manifests import (DEFAULT_MLFLOW_AUTH_SECRET, DEFAULT_MLFLOW_CONFIGMAP, DEFAULT_RUNTIME,
+                                             DEFAULT_S3_SECRET, RUNTIME_KINDS, ApiUnavailable, LaunchConfigError,
+                                             LaunchError, TrainJobFailed, TrainJobSpec, build_params_configmap,
+                                             build_trainjob, load_params)
+from lightclip_core.launch.trainjob import TrainJobLauncher
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

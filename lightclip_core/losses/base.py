@@ -6,9 +6,9 @@ are. An objective declares what it needs from the model's forward pass (`image_s
 own parameters (projections, fusion blocks, heads) live in the objective, never in the model, so that nothing of
 them reaches an export.
 
-Data parallel (losses/gather.py, losses/module.py): on each rank an objective returns this rank's share of every
-term, such that the mean over ranks is the single-process value on the global batch; DDP's gradient average then
-gives exact gradients. Batch-level objectives (contrastive, distill) gather features from every rank; per-sample
+Data parallel (infra/distributed.py, losses/objective.py): on each rank an objective returns this rank's share of
+every term, such that the mean over ranks is the single-process value on the global batch; DDP's gradient average
+then gives exact gradients. Batch-level objectives (contrastive, distill) gather features from every rank; per-sample
 ones (token, mlm) stay local and normalise by global counts. Every rank returns the same term names, whatever its
 data, and reaches the same collectives in the same order.
 """

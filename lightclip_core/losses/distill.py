@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightclip_core.data.tokenizer import trim_padding
+from lightclip_core.infra.distributed import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.base import Objective, StepContext
-from lightclip_core.losses.contrastive import clip_logits, contrastive_loss
-from lightclip_core.losses.gather import gather_no_grad, gather_with_grad, row_offset
+from lightclip_core.losses.instance import clip_logits, contrastive_loss
+from lightclip_core.models.tokenizer import trim_padding
 
 CAPTION_BATCHES = ("both", "real", "synthetic")
 

@@ -1,14 +1,167 @@
-"""The instance-level objective: CLIP's loss, with LightCLIP's progressively softened targets as an option."""
+"""Instance-level CLIP losses: CLIP's symmetric InfoNCE, LightCLIP's progressively softened targets and the
+contrastive objective that uses them.
+
+CLIP's loss runs over a batch of paired, L2-normalised embeddings. LightCLIP's progressive softened instance-level
+alignment (arXiv 2312.00674) replaces its one-hot targets by `(1 - eps) I + eps * Q`, where Q spreads the softened
+mass over the negatives either uniformly or by a stop-gradient similarity, and eps grows over training.
+
+In a data-parallel job the rows are this rank's samples and the columns the global batch (`all_*_features`, from
+`infra.distributed.gather_with_grad`; N = the global batch); row i is paired with column `offset + i`, and targets
+and similarities are those rows of the global ones. The loss is the mean over this rank's rows, so the mean over
+ranks is the loss of the global batch.
+"""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from lightclip_core.infra.distributed import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.base import Objective, StepContext
-from lightclip_core.losses.contrastive import contrastive_loss
-from lightclip_core.losses.gather import gather_no_grad, gather_with_grad, row_offset
-from lightclip_core.losses.soft_targets import eps_at, soft_clip_loss
+
+
+def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                all_image_features: torch.Tensor | None = None, all_text_features: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-to-text logits `s * v @ U.T` and text-to-image logits `s * u @ V.T`, rows = the given features,
+    columns = `all_*` (default: the same features, and the text direction is the transpose)."""
+    all_image = image_features if all_image_features is None else all_image_features
+    all_text = text_features if all_text_features is None else all_text_features
+    logits_per_image = logit_scale * image_features @ all_text.T
+    if all_image is image_features and all_text is text_features:  # the whole batch: one matrix product
+        return logits_per_image, logits_per_image.T
+    return logits_per_image, logit_scale * text_features @ all_image.T
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     all_image_features: torch.Tensor | None = None, all_text_features: torch.Tensor | None = None,
+                     offset: int = 0) -> torch.Tensor:
+    """`0.5 * [CE(I, softmax_rows(S)) + CE(I, softmax_rows(S.T))]` with the i-th image paired to the i-th text;
+    over this rank's rows when the global batch's features are given (row i pairs with column `offset + i`)."""
+    logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale, all_image_features,
+                                                    all_text_features)
+    labels = offset + torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+KINDS = ("uniform", "similarity")
+
+
+def _check_eps(value: float, name: str = "eps") -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+
+
+def eps_at(step: int, total_steps: int, schedule: str, eps_start: float, eps_end: float) -> float:
+    """Softening at 0-based global `step` of `total_steps`; progress = step / max(total_steps - 1, 1) in [0, 1]."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    _check_eps(eps_start, "eps_start")
+    _check_eps(eps_end, "eps_end")
+    if schedule == "constant":
+        return float(eps_end)
+    progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    if schedule == "cosine":
+        progress = (1.0 - math.cos(math.pi * progress)) / 2.0
+    return float(eps_start + (eps_end - eps_start) * progress)
+
+
+def uniform_targets(n: int, eps: float, device=None, dtype: torch.dtype = torch.float32, *, rows: int | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """[n, n] targets with `1 - eps` on the diagonal and `eps / (n - 1)` elsewhere ([[1.0]] for n == 1); with `rows`
+    only rows `offset .. offset + rows` of them, `[rows, n]` (one rank's rows of the global batch's targets)."""
+    _check_eps(eps)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rows = n if rows is None else rows
+    if rows < 0 or offset < 0 or offset + rows > n:
+        raise ValueError(f"rows {offset}..{offset + rows} do not lie within the {n} targets")
+    if n == 1:
+        return torch.ones(rows, 1, device=device, dtype=dtype)
+    targets = torch.full((rows, n), eps / (n - 1), device=device, dtype=dtype)
+    positives = torch.arange(rows, device=device)
+    targets[positives, positives + offset] = 1.0 - eps  # not fill_diagonal_ on a view, which torch.compile rejects
+    return targets
+
+
+def similarity_targets(sim: torch.Tensor, eps: float, temperature: float, *, offset: int | None = None) -> torch.Tensor:
+    """`(1 - eps) I + eps * softmax_rows(sim / temperature)` with the diagonal excluded from the softmax.
+
+    `sim` [N, N] is detached; rows of the result sum to one. For N == 1 the target is [[1.0]]. With `offset`, `sim`
+    is `[b, N]`, rows `offset .. offset + b` of the global similarity, and the diagonal is at column `offset + i`.
+    """
+    _check_eps(eps)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if sim.dim() != 2 or (offset is None and sim.shape[0] != sim.shape[1]):
+        raise ValueError(f"sim must be a square [N, N] matrix, got shape {tuple(sim.shape)}")
+    offset = 0 if offset is None else offset
+    if offset < 0 or offset + sim.shape[0] > sim.shape[1]:
+        raise ValueError(f"sim rows {offset}..{offset + sim.shape[0]} do not lie within its {sim.shape[1]} columns")
+    sim = sim.detach()
+    b, n = sim.shape
+    eye = torch.zeros(b, n, device=sim.device, dtype=torch.bool)
+    eye[:, offset:offset + b].fill_diagonal_(True)
+    if n == 1:
+        return eye.to(sim.dtype)
+    negatives = torch.softmax((sim / temperature).masked_fill(eye, float("-inf")), dim=1)
+    return (eps * negatives).masked_fill(eye, 1.0 - eps)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def soft_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                   eps: float, kind: str = "uniform", similarity: torch.Tensor | None = None,
+                   temperature: float = 1.0, *, all_image_features: torch.Tensor | None = None,
+                   all_text_features: torch.Tensor | None = None, offset: int = 0,
+                   similarity_text: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with softened targets; eps == 0 is exactly CLIP's loss.
+
+    kind "similarity" spreads eps by `similarity` [N, N] (rows = images, detached; the text direction uses its
+    transpose), defaulting to the detached student logits `s * v @ u.T`, divided by `temperature`.
+
+    Data-parallel form: the given features are this rank's rows, `all_*_features` the global batch's (columns),
+    row i's positive is column `offset + i`, and the loss is the mean over these rows. A given similarity is then
+    `[b, N]` for the image rows, with `similarity_text` `[b, N]` for the text rows (the rows of its transpose).
+    """
+    _check_eps(eps)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits_per_image, logits_per_text = clip_logits(image_features, text_features, logit_scale, all_image_features,
+                                                    all_text_features)
+    b, n = logits_per_image.shape
+    if eps == 0:
+        labels = offset + torch.arange(b, device=logits_per_image.device)
+        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    square = offset == 0 and b == n
+    if kind == "uniform":
+        targets_image = targets_text = uniform_targets(n, eps, logits_per_image.device, logits_per_image.dtype,
+                                                       rows=b, offset=offset)
+    else:
+        if similarity is None:
+            sim_image, sim_text = logits_per_image, logits_per_text
+        else:
+            if similarity_text is None and not square:
+                raise ValueError("similarity for a rank's rows of a larger batch needs similarity_text as well")
+            sim_image, sim_text = similarity, similarity.T if similarity_text is None else similarity_text
+        for name, sim in (("similarity", sim_image), ("similarity_text", sim_text)):
+            if sim.shape != logits_per_image.shape:
+                raise ValueError(f"{name} must have shape {tuple(logits_per_image.shape)}, got {tuple(sim.shape)}")
+        rows = None if square else offset
+        targets_image = similarity_targets(sim_image.detach().to(logits_per_image), eps, temperature, offset=rows)
+        targets_text = similarity_targets(sim_text.detach().to(logits_per_image), eps, temperature, offset=rows)
+    return 0.5 * (_soft_cross_entropy(logits_per_image, targets_image)
+                  + _soft_cross_entropy(logits_per_text, targets_text))
 
 
 def _ema_update(momentum: float):

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm
 from torch import nn
 
-from lightclip_core.data.tokenizer import special_token_ids, word_mask
+from lightclip_core.infra.distributed import current_world, global_sum, row_offset
 from lightclip_core.losses.base import Objective, StepContext
-from lightclip_core.losses.gather import global_sum, row_offset
-from lightclip_core.train.distributed import current_world
+from lightclip_core.models.tokenizer import special_token_ids, word_mask
 
 MASK_ROW, RANDOM_TOKEN = 0.8, 0.1  # BERT's 80/10/10: mask row / random token / unchanged
 

@@ -1,16 +1,16 @@
 """The CLIP model: an image tower and a text tower meeting in a joint space, with a learnable temperature."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightclip_core.config import ModelConfig
-from lightclip_core.data.tokenizer import special_token_ids, vocab_size
+from lightclip_core.models.config import ModelConfig
 from lightclip_core.models.image_tower import ImageTower
 from lightclip_core.models.text_tower import build_text_tower
+from lightclip_core.models.tokenizer import special_token_ids, vocab_size
 
 
 class CLIP(nn.Module):
@@ -77,3 +77,15 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
     return {"params_total": count(model), "params_image": count(model.visual), "params_text": count(model.text)}
 
 
+@torch.inference_mode()
+def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str],
+                      tokenize: Callable[[list[str]], torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """`[D, C]` classifier: per class, the mean of its normalised template embeddings, renormalised."""
+    if not classnames or not templates:
+        raise ValueError(f"zero-shot needs classes and templates, got {len(classnames)} and {len(templates)}")
+    prompts = [template.format(name) for name in classnames for template in templates]
+    device = next(model.parameters()).device
+    chunks = [model.encode_text(tokenize(prompts[i:i + batch_size]).to(device), normalize=True)
+              for i in range(0, len(prompts), batch_size)]
+    per_template = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return F.normalize(per_template.mean(dim=1), dim=-1).T.contiguous()

@@ -1,8 +1,7 @@
 """Named model presets, in the spirit of timm's `@register_model`: one function per variant returns the values of
 the `model` section it stands for. `model.preset: <name>` in params.yaml fills every model field left at null.
 
-Presets are plain values and this module imports nothing from the package: the config schema imports it lazily,
-inside its validators, to check a name and fill the fields.
+Presets are plain values: this module imports nothing from the package (models/config.py reads it).
 """
 from __future__ import annotations
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
-from lightclip_core.config import TextConfig
+from lightclip_core.models.config import TextConfig
 from lightclip_core.models.repmixer import RepMixerBlock
 
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import open_clip
@@ -29,8 +29,9 @@ from tqdm import tqdm
 from lightclip_core.config import CocaTeacherConfig
 from lightclip_core.data.prepare import swap_in
 from lightclip_core.data.shards import ShardStream, shard_paths
-from lightclip_core.data.storage import atomic_path, write_json_atomic
-from lightclip_core.data.tokenizer import vocab_size
+from lightclip_core.infra.sink import MetricSink
+from lightclip_core.infra.storage import atomic_path, write_json_atomic
+from lightclip_core.models.tokenizer import vocab_size
 from lightclip_core.train.data import PairDecoder, batches
 from lightclip_core.train.schedule import build_scheduler
 
@@ -41,10 +42,6 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 LOG_COLUMNS = ("step", "loss", "clip_loss", "caption_loss", "lr", "logit_scale", "samples_per_s")
 INTERPOLATION = "bicubic"
 _MAX_LOG_SCALE = math.log(100.0)
-
-
-class MetricSink(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
 @dataclass

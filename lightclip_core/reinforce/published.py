@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from lightclip_core.data.reinforced import ReinforcementError, decode_reinforcement
 from lightclip_core.data.shards import MANIFEST, SCHEMA_VERSION, iter_raw_samples
-from lightclip_core.data.storage import sha256_file, write_json_atomic
+from lightclip_core.infra.storage import sha256_file, write_json_atomic
 
 
 def index_reinforced(dataset_dir: str | os.PathLike, dims: Sequence[int], scales: Sequence[float], image_size: int,

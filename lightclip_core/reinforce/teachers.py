@@ -9,7 +9,6 @@ embedding, in ensemble order (the layout a reinforced dataset stores).
 from __future__ import annotations
 
 import hashlib
-
 import logging
 import os
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from torch import nn
 from torchvision import transforms as T
 
 from lightclip_core.config import TeacherSpec
-from lightclip_core.data.storage import fetch_to_local, is_s3
 from lightclip_core.data.transforms import image_transform, to_rgb
+from lightclip_core.infra.storage import fetch_to_local, is_s3
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightclip_core.data.storage import atomic_path, sha256_file, write_bytes_atomic
+from lightclip_core.infra.storage import atomic_path, sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.augment import AugParams, ReplayableAugment
 from lightclip_core.data.reinforced import ReinforcementError, decode_reinforcement
 from lightclip_core.data.shards import (ShardStream, decode_caption, decode_image, iter_raw_samples, read_manifest,
-                                         shard_paths)
-from lightclip_core.data.tokenizer import tokenize
+                                        shard_paths)
 from lightclip_core.data.transforms import image_transform
+from lightclip_core.models.tokenizer import tokenize
 
 EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_syn_text_emb")
 

@@ -1,6 +1,6 @@
 """The training stage: setup, loop, log, checkpoint; one process, or N ranks under torchrun.
 
-Objectives are modules returning named terms (losses/base.py); `TrainingLoss` (losses/module.py) holds the model and
+Objectives are modules returning named terms (losses/base.py); `TrainingLoss` (losses/objective.py) holds the model and
 the objectives, sums every `*_loss` term times its objective's weight and returns every term's global value.
 Objective parameters train with the model but stay out of `final.pt`.
 
@@ -32,7 +32,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,17 +42,17 @@ from tqdm import tqdm
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.shards import read_manifest
-from lightclip_core.data.storage import atomic_path
-from lightclip_core.data.tokenizer import trim_padding
-from lightclip_core.losses.build import build_objectives
-from lightclip_core.losses.module import TrainingLoss
+from lightclip_core.infra.distributed import (World, all_gather_objects, broadcast_object, current_world, device_for,
+                                              init_from_env, shutdown, world_from_env)
+from lightclip_core.infra.sink import MetricSink
+from lightclip_core.infra.storage import atomic_path
+from lightclip_core.losses.objective import TrainingLoss, build_objectives
 from lightclip_core.models import build_model, model_summary
+from lightclip_core.models.tokenizer import trim_padding
 from lightclip_core.train.checkpoint import (checkpoint_name, load_checkpoint, newest_valid_checkpoint,
                                              prune_checkpoints, remove_partial_writes, save_checkpoint)
 from lightclip_core.train.data import (EXTRA_KEYS, DataPosition, StepBatches, local_batch_size, make_loader,
                                        reinforcement_of)
-from lightclip_core.train.distributed import (World, all_gather_objects, broadcast_object, current_world, device_for,
-                                              init_from_env, shutdown, world_from_env)
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ CHECKPOINT_FORMAT = 2
 # train fields that do not change what is computed: a checkpoint written under other values of them is resumed
 NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "threads", "resume", "dist_timeout_s",
                      "compile", "grad_checkpointing"}
-
-
-class MetricSink(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,16 +1,26 @@
-"""The objectives that `params.yaml`'s `objectives` section asks for, built against the model they train."""
+"""The objectives that `params.yaml`'s `objectives` section asks for, built against the model they train, and the
+model and its objectives as one module: what a training step differentiates, and what DDP wraps.
+
+Holding both as submodules lets DistributedDataParallel synchronise the objectives' own parameters (projections,
+fusion blocks, heads) together with the model's. Under data parallelism each objective returns this rank's share
+of every term (infra/distributed.py): the mean over ranks of the returned total, and of every term, is the
+single-process value on the global batch, and DDP's gradient average makes the gradients exact.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightclip_core.config import Config, ConfigError
-from lightclip_core.data.tokenizer import vocab_size
+from lightclip_core.infra.distributed import global_mean
+from lightclip_core.losses.base import StepContext
 from lightclip_core.losses.distill import DistillationObjective
 from lightclip_core.losses.instance import ContrastiveObjective
 from lightclip_core.losses.mlm import MaskedLanguageObjective
 from lightclip_core.losses.token import TokenAlignmentObjective
+from lightclip_core.models.tokenizer import vocab_size
 
 
 def _stage_channels(model: nn.Module, stride: int, field: str) -> int:
@@ -68,3 +78,47 @@ def forward_needs(objectives: nn.ModuleList) -> dict[str, object]:
     """The keywords of `CLIP.forward` that the objectives need (image stage maps, text hidden states)."""
     strides = sorted({s for obj in objectives for s in obj.image_strides})
     return {"image_strides": tuple(strides), "text_hidden": any(obj.needs_text_hidden for obj in objectives)}
+
+
+class TrainingLoss(nn.Module):
+    """`forward(images, tokens, step, total_steps, extras)` -> (total loss, terms, model outputs).
+
+    The total is the sum of every objective's `*_loss` terms times its weight: this rank's share, to backpropagate.
+    `terms` holds every objective term and `loss` (the total) as floats with their global values, the mean over
+    ranks of the local ones (one all-reduce per step; no collective in a job of one).
+    """
+
+    def __init__(self, model: nn.Module, objectives: nn.ModuleList):
+        super().__init__()
+        self.model = model
+        self.objectives = objectives
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, step: int, total_steps: int,
+                extras: dict[str, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
+        outputs = self.model(images, tokens, **forward_needs(self.objectives))
+        ctx = StepContext(step=step, total_steps=total_steps, images=images, tokens=tokens, model=self.model,
+                          extras=extras or {})
+        total = images.new_zeros(())
+        local: dict[str, torch.Tensor | float] = {}
+        for objective in self.objectives:
+            named = objective(outputs, ctx)
+            total = total + objective.weight * sum(v for k, v in named.items() if k.endswith("_loss"))
+            local.update(named)
+        return total, global_terms({"loss": total, **local}), outputs
+
+    def after_step(self) -> None:
+        """Call after every optimizer step (an EMA copy follows the model)."""
+        for objective in self.objectives:
+            objective.after_step(self.model)
+
+
+def global_terms(terms: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Every term as a float: the mean over ranks of this rank's values, in one all-reduce and one host copy. Every
+    rank must pass the same names in the same order."""
+    if not terms:
+        return {}
+    device = next((v.device for v in terms.values() if torch.is_tensor(v)), None)
+    values = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                          else torch.tensor(float(v), dtype=torch.float64, device=device) for v in terms.values()])
+    return dict(zip(terms, global_mean(values).tolist()))

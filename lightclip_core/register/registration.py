@@ -1,7 +1,7 @@
 """Registration and gated promotion of evaluated models in the MLflow model registry.
 
 Every evaluated model becomes a new version of `registry.model_name` (a pyfunc model logged from code, see
-:mod:`lightclip_core.tracking.pyfunc_model`) and gets the alias `candidate`. The alias `champion` moves to it only
+:mod:`lightclip_core.export.pyfunc_model`) and gets the alias `candidate`. The alias `champion` moves to it only
 when it beats the current champion on `registry.gate_metric` by more than `registry.margin`, or when there is no
 champion. The decision and both figures are version tags (`gate.*`), every evaluation metric is a version tag
 (`metric.*`, which is what a later candidate is compared with), and the version's description is a model card.
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lightclip_core.config import Config, ConfigError
-from lightclip_core.data.storage import write_json_atomic
 from lightclip_core.evaluate.report import Comparison, ReportInputs, model_card, write_report
+from lightclip_core.infra.storage import write_json_atomic
 from lightclip_core.tracking.mlflow_utils import StageRun, git_state, manifest_digest, metric_key
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class RegisterResult:
     model_uri: str | None = None
     run_id: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -129,7 +129,7 @@ def read_inputs(cfg: Config, export_dir: str | os.PathLike, eval_dir: str | os.P
 
 def check_servable(export_dir: Path) -> None:
     """Run the pyfunc's inference on its own input example, so that a broken export is never registered."""
-    from lightclip_core.tracking.inference import Embedder, predict_frame
+    from lightclip_core.export.inference import Embedder, predict_frame
 
     try:
         out = predict_frame(Embedder(export_dir), input_example(export_dir), {"classnames": ["circle", "square"]})
@@ -197,7 +197,7 @@ def log_pyfunc(cfg: Config, export_dir: Path, run: StageRun) -> Any:
     with mlflow.start_run(run_id=run.run_id):  # resumes the stage run, so the model links to it
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            python_model=str(Path(lightclip_core.__file__).parent / "export" / "pyfunc_model.py"),
             artifacts={"export": str(export_dir)},
             code_paths=[str(Path(lightclip_core.__file__).parent)],
             pip_requirements=pip_requirements(),
@@ -266,7 +266,7 @@ def lineage_of(run: StageRun, inputs: RegisterInputs) -> dict[str, str]:
 
 
 def _copy_plots(eval_dir: Path, out_dir: Path, tasks: list[str]) -> dict[str, str]:
-    from lightclip_core.evaluate.stage import plot_files
+    from lightclip_core.evaluate.evaluation import plot_files
 
     found = {}
     for name, rel in plot_files(tasks).items():
@@ -279,7 +279,7 @@ def _copy_plots(eval_dir: Path, out_dir: Path, tasks: list[str]) -> dict[str, st
 
 def _report_inputs(cfg: Config, inputs: RegisterInputs, out_dir: Path, comparison: Comparison,
                    lineage: dict[str, str]) -> ReportInputs:
-    from lightclip_core.evaluate.stage import training_summary
+    from lightclip_core.evaluate.evaluation import training_summary
 
     per_class_path = inputs.eval_dir / "per_class.json"
     per_class = json.loads(per_class_path.read_text()) if per_class_path.is_file() else {}
@@ -342,7 +342,7 @@ def register(cfg: Config, inputs: RegisterInputs, out_dir: str | os.PathLike, ru
         version=version, champion_before=comparison.champion_version, champion_value=comparison.champion_value,
         champion_after=version if comparison.promoted else comparison.champion_version, model_uri=info.model_uri,
         run_id=run.run_id)
-    write_json_atomic(out_dir / DECISION_FILE, result.to_json())
+    write_json_atomic(out_dir / DECISION_FILE, result.summary())
     run.set_tags({"gate.decision": result.decision, "registry.version": version})
     run.log_artifact(out_dir, "register")
     log.info("%s version %s: %s (%s)", reg.model_name, version, result.decision, result.reason)
@@ -388,5 +388,5 @@ def skipped(cfg: Config, inputs: RegisterInputs, out_dir: str | os.PathLike, why
     result = RegisterResult(decision=SKIPPED, reason=why, model_name=cfg.registry.model_name,
                             gate_metric=cfg.registry.gate_metric, margin=cfg.registry.margin,
                             candidate_value=inputs.metrics[cfg.registry.gate_metric])
-    write_json_atomic(Path(out_dir) / DECISION_FILE, result.to_json())
+    write_json_atomic(Path(out_dir) / DECISION_FILE, result.summary())
     return result

@@ -4,7 +4,7 @@ half-done.
 Locally a file is written under a temporary name next to its final name and renamed. On S3 one PUT, or a multipart
 upload, is atomic by itself: the object appears only when complete. A directory (a split, a checkpoint) is published
 with `publish_dir`, which writes its manifest last, so a reader that starts from the manifest never finds a file it
-names missing. The S3 details (client, retries, timeouts, multipart, errors) live in `lightclip_core.data.s3`.
+names missing. The S3 details (client, retries, timeouts, multipart, errors) live in `lightclip_core.infra.s3`.
 S3 URIs are plain strings: `Path("s3://b/k")` collapses the `//`, so never wrap one in a Path.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lightclip_core.data import s3
-from lightclip_core.data.s3 import ObjectStat, is_s3, split_s3
+from lightclip_core.infra import s3
+from lightclip_core.infra.s3 import ObjectStat, is_s3, split_s3
 
 __all__ = ["ObjectStat", "atomic_path", "delete", "download_file", "exists", "fetch_to_local", "is_s3", "join",
            "list_files", "publish_dir", "read_bytes", "read_json", "read_versioned_json", "s3_client", "sha256_file",
@@ -103,7 +103,7 @@ def write_json_atomic(final: str | os.PathLike, obj: Any) -> None:
 
 def upload_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy a local file to `uri`; the destination shows the whole file or nothing (multipart above a threshold
-    on S3, see `lightclip_core.data.s3`)."""
+    on S3, see `lightclip_core.infra.s3`)."""
     if not Path(local_path).is_file():
         raise FileNotFoundError(f"{local_path}: no such file")
     if is_s3(uri):
@@ -194,7 +194,7 @@ _ETAG_SUFFIX = ".etag"
 
 
 def s3_client():
-    """The boto3 S3 client of the current environment (endpoint, credentials, retries: `lightclip_core.data.s3`)."""
+    """The boto3 S3 client of the current environment (endpoint, credentials, retries: `lightclip_core.infra.s3`)."""
     return s3.client()
 
 

@@ -1,4 +1,4 @@
-"""The `s3://` half of the storage layer (import `lightclip_core.data.storage`, not this module).
+"""The `s3://` half of the storage layer (import `lightclip_core.infra.storage`, not this module).
 
 Any S3-compatible endpoint: the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, the credentials from
 boto3's own chain (environment variables, web identity, instance role), never from parameters and never logged.

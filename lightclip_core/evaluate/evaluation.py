@@ -19,12 +19,13 @@ import torch
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.shards import decode_image, decode_meta, iter_raw_samples, read_manifest, shard_paths
-from lightclip_core.data.storage import write_json_atomic
 from lightclip_core.evaluate import plots
 from lightclip_core.evaluate.report import ReportInputs, write_report
 from lightclip_core.evaluate.retrieval import retrieval_metrics
-from lightclip_core.evaluate.zeroshot import classification_metrics, zero_shot_weights
+from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.load import ExportedModel, load_exported
+from lightclip_core.infra.storage import write_json_atomic
+from lightclip_core.models.clip import zero_shot_weights
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -37,9 +37,10 @@ from tqdm import tqdm
 from lightclip_core.config import Config, ConfigError, TeacherSpec
 from lightclip_core.data.augment import ReplayableAugment, sample_generator
 from lightclip_core.data.reinforced import encode_reinforcement
-from lightclip_core.data import storage
 from lightclip_core.data.shards import MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples
-from lightclip_core.data.storage import atomic_path, is_s3, join, sha256_file, write_json_atomic
+from lightclip_core.infra import storage
+from lightclip_core.infra.sink import MetricSink
+from lightclip_core.infra.storage import atomic_path, is_s3, join, sha256_file, write_json_atomic
 from lightclip_core.reinforce.captioner import Captioner
 from lightclip_core.reinforce.teachers import TeacherEnsemble
 
@@ -47,10 +48,6 @@ log = logging.getLogger(__name__)
 
 ENTRIES = ".entries"
 _FIXED_MTIME = 0.0
-
-
-class MetricSink(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""The data stages: prepare the splits, train the embedded default's teachers, reinforce a split (whole, or one
+group of a fan-out, then the join that publishes its manifest), index published reinforced shards."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightclip_core.config import Config
+from lightclip_core.infra import storage
+from lightclip_core.infra.sink import PrefixedSink
+from lightclip_core.stages.io import InputError, existing, local_dir, localise, output_dir, write_metrics
+from lightclip_core.tracking.mlflow_utils import StageRun
+
+
+@dataclass
+class PrepareSummary:
+    out: str
+    counts: dict[str, int]
+    skipped: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_prepare(*, cfg: Config, out: str | os.PathLike) -> PrepareSummary:
+    """Generate or ingest the dataset into `out/{train,val,test}` (a local directory or an `s3://` prefix)."""
+    from lightclip_core.data.prepare import prepare
+
+    with StageRun(cfg, "prepare") as run, output_dir(out, "prepare") as local:  # every manifest.json published last
+        result = prepare(cfg.data, local)
+        run.log_metrics({f"samples/{k}": v for k, v in result.counts.items()})
+        run.log_metrics({f"skipped/{k}": v for k, v in result.skipped.items()})
+    return PrepareSummary(str(out), result.counts, result.skipped)
+
+
+@dataclass
+class TeacherSummary:
+    out: str
+    models: list[str]
+    metrics: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        return {"models": [storage.join(self.out, m) for m in self.models], **self.metrics}
+
+
+def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -> TeacherSummary:
+    """Train the embedded default's teachers (`teacher.train`, a CoCa that is also the captioner, and
+    `teacher.second`) on the training split `data`; each lands in `out/<name>/`, the metrics in `out/metrics.json`."""
+    from lightclip_core.reinforce.coca_teacher import train_coca_teacher
+
+    train_dir = local_dir(data, "training split", "data")
+    teachers = {"model": cfg.teacher.train, **({"second": cfg.teacher.second} if cfg.teacher.second else {})}
+    metrics: dict[str, float] = {}
+    with StageRun(cfg, "teacher", inputs={"data": train_dir}) as run, \
+            output_dir(out, "teacher", last=("metrics.json",)) as local:
+        for name, teacher in teachers.items():
+            prefix = "" if name == "model" else f"{name}/"
+            result = train_coca_teacher(teacher, train_dir, local, cfg.model.image.mean, cfg.model.image.std,
+                                        sink=PrefixedSink(run, prefix), name=name)
+            metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
+            run.log_artifact(result.log_path)
+        run.log_metrics({f"summary/{k}": v for k, v in metrics.items()})
+        write_metrics(local / "metrics.json", metrics)
+    return TeacherSummary(str(out), list(teachers), metrics)
+
+
+@dataclass
+class ReinforceSummary:
+    out: str
+    complete: bool
+    skipped: Any
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": self.out, "complete": self.complete, "skipped": self.skipped, **self.metrics}
+
+
+def _teacher_dir(cfg: Config, teacher: str | os.PathLike | None) -> Path | None:
+    """The trained teachers' directory, where the configuration uses them (an empty `teacher.ensemble` or no
+    `teacher.captioner`); pretrained teachers alone need none."""
+    needs_trained = not cfg.teacher.ensemble or cfg.teacher.captioner is None
+    if not (needs_trained and teacher):
+        return None
+    return localise(teacher) if storage.is_s3(str(teacher)) else existing(teacher, "teacher directory", "teacher")
+
+
+def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
+                  teacher: str | os.PathLike | None = None, shards: str | None = None,
+                  publish: bool = True) -> ReinforceSummary:
+    """Reinforce the split `data` into `out` (either may be an `s3://` prefix): stored augmentations, synthetic
+    captions, teacher embeddings. `shards` ("A:B") makes this one worker of a fan-out; `publish=False` leaves the
+    manifest to :func:`run_publish_reinforced`."""
+    from lightclip_core.data.shards import read_manifest
+    from lightclip_core.reinforce.reinforcement import parse_shard_range, reinforce
+
+    data_dir = str(data) if storage.is_s3(str(data)) else existing(data, "split to reinforce", "data")
+    teacher_dir = _teacher_dir(cfg, teacher)
+    try:
+        shard_range = parse_shard_range(shards, len(read_manifest(data_dir)["shards"]))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    inputs = {"data": data_dir, **({"teacher": teacher_dir} if teacher_dir else {})}
+    with StageRun(cfg, "reinforce", inputs=inputs) as run:
+        result = reinforce(cfg, data_dir, out, teacher_dir, shard_range, sink=run, publish=publish)
+        run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
+    if not storage.is_s3(str(out)):
+        write_metrics(Path(out).parent / f"{Path(out).name}-metrics.json", result.metrics)
+    return ReinforceSummary(str(result.out_dir), result.complete, result.skipped, result.metrics)
+
+
+@dataclass
+class PublishSummary:
+    out: str
+    complete: bool | None
+    shards: int
+    missing_shards: Any
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_publish_reinforced(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
+                           teacher: str | os.PathLike | None = None) -> PublishSummary:
+    """The join after a fan-out of `run_reinforce(publish=False)` workers: publish `out`'s manifest once."""
+    from lightclip_core.reinforce.reinforcement import publish_reinforced
+
+    teacher_dir = localise(teacher) if teacher and storage.is_s3(str(teacher)) else teacher
+    manifest = publish_reinforced(cfg, str(data), str(out), teacher_dir)
+    reinforcement = manifest.get("reinforcement", {})
+    return PublishSummary(str(out), reinforcement.get("complete"), len(manifest["shards"]),
+                          reinforcement.get("missing_shards"))
+
+
+@dataclass
+class IndexSummary:
+    manifest: str
+    num_samples: int
+    shards: int
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_index_reinforced(*, data: str | os.PathLike, dims: list[int], scales: list[float], image_size: int,
+                         split: str = "train") -> IndexSummary:
+    """Write the manifest of published reinforced shards (DataCompDR layout) found in `data`."""
+    from lightclip_core.reinforce.published import index_reinforced
+
+    data_dir = existing(data, "directory of reinforced shards", "data")
+    try:
+        manifest = index_reinforced(data_dir, dims, scales, image_size, split=split)
+    except ValueError as err:
+        if type(err) is not ValueError:
+            raise
+        raise InputError(str(err)) from None
+    return IndexSummary(str(data_dir / "manifest.json"), manifest["num_samples"], len(manifest["shards"]))

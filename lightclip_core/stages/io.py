@@ -1,0 +1,98 @@
+"""Where the stages' inputs and outputs live: the one place that turns an `s3://` input into a local directory or
+file and publishes a local output to an `s3://` prefix. A bad input raises :class:`InputError` (a ConfigError, so
+every door stops with one line and exit code 2) naming the input as the command line spells it (`--data=...`)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lightclip_core.infra import storage
+from lightclip_core.infra.schema import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+class InputError(ConfigError):
+    """An input or output location is missing or of the wrong kind."""
+
+
+def flag(name: str) -> str:
+    """How the command line spells the keyword argument `name` (`train_data` -> `--train-data`)."""
+    return "--" + name.replace("_", "-")
+
+
+def existing(path: str | os.PathLike, what: str, name: str) -> Path:
+    """A local path that must exist."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{flag(name)}={str(path)!r}: {what} does not exist")
+    return p
+
+
+def local_dir(uri: str | os.PathLike, what: str, name: str, marker: str = MANIFEST) -> Path:
+    """A directory given as a local path or an `s3://` prefix (downloaded to the cache, reused by ETag) whose
+    `marker` file, published last, says it is complete."""
+    uri = str(uri)
+    if not storage.is_s3(uri):
+        return existing(uri, what, name)
+    if not storage.exists(storage.join(uri, marker)):
+        raise InputError(f"{flag(name)}={uri!r}: {what} has no {marker}")
+    return localise(uri)
+
+
+def localise(uri: str | os.PathLike) -> Path:
+    """A local directory holding the objects under `uri` (the directory itself for a local path); the same local
+    path for the same URI in every stage of a job (the fetch cache)."""
+    uri = str(uri)
+    return storage.fetch_to_local(uri.rstrip("/") + "/" if storage.is_s3(uri) else uri, storage.default_cache_dir())
+
+
+def local_file(uri: str | os.PathLike, what: str, name: str) -> Path:
+    """A file given as a local path or an `s3://` object (downloaded to the cache)."""
+    uri = str(uri)
+    if not storage.is_s3(uri):
+        return existing(uri, what, name)
+    if not storage.exists(uri):
+        raise InputError(f"{flag(name)}={uri!r}: {what} does not exist")
+    return storage.fetch_to_local(uri, storage.default_cache_dir())
+
+
+def workdir(name: str) -> Path:
+    """A fresh local directory for one stage's work (`$LIGHTCLIP_WORKDIR`, else the temporary directory)."""
+    root = Path(os.environ.get("LIGHTCLIP_WORKDIR") or tempfile.gettempdir()) / "lightclip-work"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, name: str, last: Iterable[str] = (MANIFEST,)) -> Iterator[Path]:
+    """The local directory a stage writes `out` in: `out` itself when local; for an `s3://` prefix a fresh work
+    directory, published to `out` (the files `last` last) when the block ends without error, then removed."""
+    if not storage.is_s3(str(out)):
+        yield Path(out)
+        return
+    work = workdir(name)
+    try:
+        yield work
+        storage.publish_dir(work, str(out), last=tuple(last))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    storage.write_json_atomic(path, metrics)
+
+
+def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict under slash-joined keys."""
+    out: dict[str, float] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return out

@@ -1,0 +1,73 @@
+"""One list says which parameters each stage reads (lightclip_core/stages/params.py): DVC's `params:` in dvc.yaml
+must say the same, and the Kubeflow cache locations that follow from it must stay where they were."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightclip_core.config import Config, load_config, validate
+from lightclip_core.stages.params import READS, UPSTREAM, fingerprint, lineage_reads, stage_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dvc_params() -> dict[str, list[str]]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("params", []) for name, stage in stages.items()}
+
+
+def test_dvc_yaml_declares_exactly_the_parameters_each_stage_reads() -> None:
+    declared = dvc_params()
+    assert sorted(declared) == sorted(READS)
+    for stage, keys in declared.items():
+        assert sorted(keys) == sorted(READS[stage]), stage
+
+
+@pytest.mark.parametrize("stage", sorted(READS))
+def test_every_listed_key_exists_in_the_schema(stage: str) -> None:
+    dumped = Config().model_dump(mode="json")
+    for key in READS[stage]:
+        node = dumped
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{stage}: {key}"
+            node = node[part]
+
+
+def test_upstream_stages_form_the_pipeline_order() -> None:
+    order = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    for stage, above in UPSTREAM.items():
+        assert all(order.index(a) < order.index(stage) for a in above), stage
+
+
+def test_lineage_collapses_a_section_whose_every_field_is_read() -> None:
+    # reinforce reads teacher.ensemble/captioner/second, the teacher stage above it teacher.train: the whole section
+    assert lineage_reads("reinforce") == ["data", "model.image.mean", "model.image.std", "reinforce", "teacher"]
+    assert lineage_reads("teacher") == ["data", "model.image.mean", "model.image.std", "teacher.second",
+                                        "teacher.train"]
+
+
+# The locations the Kubeflow stages used before the stage list existed (written by hand in each component body;
+# computed with that code on the commit before this list): caches and object stores made then must still be found.
+BEFORE = {
+    "default": {"prepare": "e4f82c2f5102a48b", "teacher": "baef3fb9fccda3ac", "reinforce": "73dfc4b09c8136b4"},
+    "tiny": {"prepare": "e4eead3306cbb9fc", "teacher": "bb21bb49d5379fcd", "reinforce": "a0ddef5d6599f457"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_pure_stage_locations_are_unchanged(name: str) -> None:
+    from helpers_tiny import TINY
+
+    cfg = load_config(ROOT / "params.yaml") if name == "default" else validate(TINY)
+    assert {stage: stage_fingerprint(cfg, stage) for stage in BEFORE[name]} == BEFORE[name]
+
+
+def test_a_location_changes_with_a_parameter_upstream_and_not_downstream() -> None:
+    base = validate({})
+    changed = validate({"teacher": {"train": {"steps": 7}}})
+    assert stage_fingerprint(base, "prepare") == stage_fingerprint(changed, "prepare")
+    assert stage_fingerprint(base, "teacher") != stage_fingerprint(changed, "teacher")
+    assert stage_fingerprint(base, "reinforce") != stage_fingerprint(changed, "reinforce")
+    assert fingerprint(base, "data") == stage_fingerprint(base, "prepare")
