@@ -24,14 +24,20 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;p
 
 
 @dataclass
-class Comparison:
-    """The gate decision of a registration: the candidate against the champion it met (None: no champion)."""
+class GateFigures:
+    """What a registration's gate compares: the candidate's value of the gate metric, for the registered model."""
 
     model_name: str
-    candidate_version: str
     gate_metric: str
     margin: float
     candidate_value: float
+
+
+@dataclass
+class Comparison(GateFigures):
+    """The gate decision of a registration: the candidate against the champion it met (None: no champion)."""
+
+    candidate_version: str
     promoted: bool
     reason: str
     champion_version: str | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightclip_core.config import Config, ConfigError
-from lightclip_core.evaluate.report import Comparison, ReportInputs, model_card, write_report
+from lightclip_core.evaluate.report import Comparison, GateFigures, ReportInputs, model_card, write_report
 from lightclip_core.infra.storage import write_json_atomic
 from lightclip_core.tracking.mlflow_utils import StageRun, git_state, manifest_digest, metric_key
 
@@ -56,13 +56,11 @@ class RegisterInputs:
 
 
 @dataclass
-class RegisterResult:
+class RegisterResult(GateFigures):
+    """The decision record (`decision.json`): promoted, not promoted or skipped, and why."""
+
     decision: str
     reason: str
-    model_name: str
-    gate_metric: str
-    margin: float
-    candidate_value: float
     version: str | None = None
     champion_before: str | None = None
     champion_value: float | None = None
