@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test test-fast ui benchmarks
+.PHONY: run test test-fast ui benchmarks browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,9 +15,19 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	. $(VENV)/bin/activate && dvc repro && dvc push
 
-## the whole test suite (unit + integration; about 10 minutes on 2 cores)
-test: $(VENV)/.installed
+## the whole test suite (unit + integration; about 12 minutes on 2 cores)
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
+
+## headless Chromium for the browser test (Debian's chromium + chromium-driver), installed when missing and root
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get) for the browser test"; \
+		apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || \
+		echo "could not install chromium: the browser test will be skipped"; \
+	else echo "chromium/chromium-driver missing and not root: the browser test will be skipped"; fi
 
 ## unit tests only
 test-fast: $(VENV)/.installed
@@ -25,6 +35,7 @@ test-fast: $(VENV)/.installed
 
 ## the MLflow UI on the local results, at http://127.0.0.1:5000
 ui: $(VENV)/.installed
+	@$(VENV)/bin/lightclip tracking url --ui http://127.0.0.1:5000 --set tracking.uri=sqlite:///mlflow.db
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 benchmarks: $(VENV)/.installed

@@ -65,8 +65,11 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def cmd_tracking(cfg: Config, args: argparse.Namespace) -> dict:
+    from lightclip_core.tracking.mlflow_utils import experiment_url
     from lightclip_core.tracking.spool import sync_spool
 
+    if args.action == "url":
+        return {"experiment": cfg.tracking.experiment, "runs": experiment_url(cfg.tracking, args.ui)}
     spool = Path(args.spool_dir or cfg.tracking.spool_dir)
     delivered = sync_spool(spool) if spool.is_dir() else {}
     left = sorted(p.name for p in spool.glob("*.jsonl")) if spool.is_dir() else []
@@ -133,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["register"].add_argument("--test-data", default="artifacts/data/test")
     parsers["register"].add_argument("--train-log", default="artifacts/train/train_log.csv")
     parsers["register"].add_argument("--out", default="artifacts/register")
-    parsers["tracking"].add_argument("action", choices=["sync"],
-                                     help="sync: deliver what a stage could not send to the tracking server")
+    parsers["tracking"].add_argument("action", choices=["sync", "url"],
+                                     help="sync: deliver what a stage could not send to the tracking server; url: "
+                                          "the address of the experiment's training runs in the MLflow UI")
+    parsers["tracking"].add_argument("--ui", default="http://127.0.0.1:5000", help="url: the MLflow UI's address")
     parsers["tracking"].add_argument("--spool-dir", default=None, help="default: tracking.spool_dir")
     from lightclip_core.launch.command import add_trainjob_command
 

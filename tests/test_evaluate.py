@@ -16,13 +16,14 @@ from PIL import Image
 from lightclip_core.config import Config
 from lightclip_core.data.shards import Sample, ShardSetWriter
 from lightclip_core.evaluate.evaluation import evaluate
-from lightclip_core.evaluate.retrieval import retrieval_metrics
+from lightclip_core.evaluate.retrieval import retrieval_metrics, text_equivalent_retrieval
 from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.exporter import export
 from lightclip_core.export.load import load_exported
 from lightclip_core.models.clip import CLIP, zero_shot_weights
 from lightclip_core.models.tokenizer import tokenize
 from lightclip_core.train.checkpoint import save_checkpoint
+from lightclip_core.train.trainer import training_lineage
 
 TINY_MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
               "text": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
@@ -135,6 +136,43 @@ def test_perfect_embeddings_give_recall_one() -> None:
     assert all(v == 1.0 for per_k in result.values() for v in per_k.values())
 
 
+def brute_force_same_text(images, texts, captions, owner, ks):
+    """Text-equivalent recall by loops: rank every candidate by similarity (stable for ties, as topk is not
+    guaranteed to be, so the test sets have no ties), then look for a caption of the right text."""
+    same = [" ".join(c.lower().split()) for c in captions]
+    texts_of = [{same[c] for c in range(len(captions)) if owner[c] == i} for i in range(len(images))]
+    sim = images @ texts.T
+    i2t = {k: float(np.mean([any(same[c] in texts_of[i] for c in np.argsort(-sim[i])[:k])
+                             for i in range(len(images))])) for k in ks}
+    t2i = {k: float(np.mean([any(same[c] in texts_of[j] for j in np.argsort(-sim[:, c])[:k])
+                             for c in range(len(captions))])) for k in ks}
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_text_equivalent_retrieval_matches_brute_force(seed: int) -> None:
+    images, texts, owner = random_retrieval_set(seed)
+    rng = np.random.default_rng(seed)
+    words = ["A red circle.", "a  RED circle.", "a blue star.", "A green square", "a tiny red circle."]
+    captions = [words[i] for i in rng.integers(0, len(words), len(owner))]  # repeats across images
+    ks = [1, 3, 10]
+    result = text_equivalent_retrieval(images, texts, captions, owner, ks)
+    i2t, t2i = brute_force_same_text(images, texts, captions, owner, ks)
+    assert result["image_to_text"] == pytest.approx(i2t) and result["text_to_image"] == pytest.approx(t2i)
+    strict = retrieval_metrics(images, texts, owner, ks)
+    assert all(result[d][k] >= strict[d][k] for d in strict for k in ks)  # a superset of the strict hits
+    assert result["image_to_text"][1] > strict["image_to_text"][1]  # and the repeats make a difference here
+
+
+def test_identical_captions_of_other_images_are_hits_only_by_text() -> None:
+    # two images with the same caption text: a model cannot tell them apart by it; text-equivalent counts it
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    owner = torch.tensor([1, 0])  # each caption belongs to the other image, and the model sees no difference
+    result = text_equivalent_retrieval(images, texts, ["a red circle.", "A red  circle."], owner, ks=[1])
+    assert result == {"image_to_text": {1: 1.0}, "text_to_image": {1: 1.0}}
+
+
 def test_retrieval_rejects_bad_caption_owners() -> None:
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), ks=[1])
@@ -185,7 +223,11 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path
                                  "evaluate": {"batch_size": 4, "recall_at": [1, 5]}})
     torch.manual_seed(0)
     model = CLIP(cfg.model)
-    state = {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": 20}
+    trained_with = Config.model_validate({"train": {"lr": 5e-4, "batch_size": 64}})  # not the evaluation's params
+    train_manifest = {"split": "train", "num_samples": 300, "shards": [{"sha256": "0" * 64}] * 3, "tasks": {},
+                      "params": {"source": "webdataset"}}
+    state = {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": 20,
+             "lineage": training_lineage(trained_with, train_manifest)}
     export(cfg, save_checkpoint(root / "final.pt", state), root / "export")
     write_test_split(root / "test")
     write_train_log(root / "train_log.csv")
@@ -197,7 +239,8 @@ def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
     result = evaluate(cfg, export_dir, test_dir, tmp_path / "eval", train_log=train_log)
     expected_keys = {"num_test_samples"} | {
         f"zeroshot/{task}/{m}" for task in ("colour", "colour_shape") for m in ("top1", "top5", "mean_per_class_recall")
-    } | {f"retrieval/{d}/R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5)}
+    } | {f"{p}/{d}/R@{k}" for p in ("retrieval", "retrieval_text_equivalent")
+         for d in ("image_to_text", "text_to_image") for k in (1, 5)}
     written = json.loads(result.metrics_path.read_text())
     assert set(written) == expected_keys and written == result.metrics
     assert list(written) == sorted(written)
@@ -221,6 +264,12 @@ def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
 
     report = result.report["markdown"].read_text()  # the stakeholder's page links every plot and names the model
     assert "mobilenetv2_050" in report and "12 image-text samples" in report
+    # the training is described from the model's own lineage, not from the parameters evaluation runs with
+    assert "**Training data:** 300 image-text samples, `train` split of the `webdataset` dataset (3 shards" in report
+    assert "at batch size 64, learning rate 0.0005 (fp32), objectives: contrastive, distill, mlm, token" in report
+    assert all(written[f"retrieval_text_equivalent/{d}/R@1"] >= written[f"retrieval/{d}/R@1"]
+               for d in ("image_to_text", "text_to_image"))
+    assert "| image to text | text-equivalent |" in report
     assert all(f"(plots/{name})" in report for name in names if "confusion" not in name)
     page = result.report["html"].read_text()
     assert page.count("data:image/png;base64,") == len(names) - 2 and "<table>" in page

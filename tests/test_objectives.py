@@ -4,6 +4,7 @@ option), training-only parameters that never reach `final.pt` or an export, the 
 (weighted sum, log columns, switching objectives off, field-naming errors) and the EMA similarity source."""
 from __future__ import annotations
 
+import json
 import csv
 import math
 from pathlib import Path
@@ -453,7 +454,8 @@ TRAINING_ONLY = ("fusion", "mlm", "mask_embedding", "patch_proj", "word_proj", "
 def test_final_checkpoint_holds_the_plain_model_only(trained):
     cfg, _, result, _ = trained
     final = load_checkpoint(result.final_checkpoint)
-    assert "objectives" not in final and set(final) == {"model", "model_config", "step"}
+    assert "objectives" not in final and set(final) == {"model", "model_config", "step", "lineage"}
+    json.dumps(final["lineage"])  # the lineage is plain data (what the model was trained on), no weights
     fresh = build_model(cfg.model).state_dict()
     assert list(final["model"]) == list(fresh)
     assert all(final["model"][k].shape == fresh[k].shape for k in fresh)

@@ -119,3 +119,71 @@ def test_exp_run_with_a_changed_learning_rate(project):
             for rev in exp.get("revs", []):
                 lrs.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"])
     assert 0.002 in lrs
+
+
+# ------------------------------------------------------------------------------------ what a stakeholder sees
+def test_stakeholder_pages_in_a_real_browser(project):
+    """A real MLflow server on the pipeline's results, read in headless Chromium as a person would: the experiment
+    opens on its training runs, each stage is a run under its pipeline run, the champion's version page shows the
+    alias and the gate decision, and the report describes the data the model was trained on. The screenshots land
+    in docs/images/ for the README."""
+    import mlflow
+    from conftest import MlflowServer
+    from helpers_browser import chromium, screenshot, wait_for_text
+    from selenium.webdriver.common.by import By
+
+    from lightclip_core.tracking.mlflow_utils import experiment_page
+
+    repo, env, _, _ = project
+    driver = chromium()
+    server = MlflowServer(repo)  # the repository's mlflow.db, as `make ui` serves it
+    server.start()
+    try:
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
+        experiment = client.get_experiment_by_name("lightclip")
+        champion = client.get_model_version_by_alias("lightclip", "champion")
+        register_run = client.get_run(champion.run_id)
+        pipeline_id = register_run.data.tags["mlflow.parentRunId"]
+        stages = {r.data.tags["stage"]: r for r in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_id}'")}
+
+        driver.get(experiment_page(server.uri, experiment.experiment_id))
+        text = wait_for_text(driver, "matching runs")
+        assert "/runs" in driver.current_url and "No data available" not in text  # the runs, not a traces page
+        row = driver.find_element(By.CSS_SELECTOR, f"a[href$='/runs/{pipeline_id}']")
+        assert row.text.startswith("pipeline ")
+        row.find_element(By.XPATH, "./ancestor::div[contains(@class, 'ag-cell')][1]//button").click()  # expand
+        for stage in stages:  # every stage of this pipeline run is listed under it once expanded
+            wait_for_text(driver, stage)
+        shown = {a.text for a in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")}
+        assert set(stages) <= shown, shown
+        for button in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):
+            button.click()  # the assistant pane, so that the screenshot shows the table
+        screenshot(driver, "mlflow-runs")
+
+        driver.get(f"{server.uri}/#/models/lightclip/versions/{champion.version}")
+        text = wait_for_text(driver, "gate.decision")
+        assert "@ champion" in text and "promoted" in text.split("gate.decision", 1)[1].split("\n")[1]
+
+        # the report in the workspace is about the model its register run registered: the training run of that
+        # pipeline run says what the model was trained on and how (dvc exp run retrained it with another lr)
+        decision = json.loads((repo / "artifacts" / "register" / "decision.json").read_text())
+        reported = client.get_run(decision["run_id"]).data.tags["mlflow.parentRunId"]
+        [train] = client.search_runs([experiment.experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{reported}' and tags.stage = 'train'"))
+        dataset = train.inputs.dataset_inputs[0].dataset
+        source, split = dataset.name.rsplit("-", 1)
+        profile = json.loads(dataset.profile)
+        driver.get((repo / "artifacts" / "register" / "report.html").as_uri())
+        text = wait_for_text(driver, "Training data:")
+        assert f"LightCLIP model lightclip version {decision['version']}" in text
+        line = next(line for line in text.splitlines() if line.startswith("Training data:"))
+        assert line.startswith(f"Training data: {profile['num_samples']:,} image-text samples, reinforced {split} split "
+                               f"of the {source} dataset ({profile['num_shards']} shards"), line
+        line = next(line for line in text.splitlines() if line.startswith("Trained for"))
+        assert f"at batch size {train.data.params['train.batch_size']}, learning rate " \
+               f"{float(train.data.params['train.lr']):g} ({train.data.params['train.precision']})" in line, line
+        screenshot(driver, "report")
+    finally:
+        driver.quit()
+        server.stop()

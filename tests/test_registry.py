@@ -21,13 +21,15 @@ from mlflow import MlflowClient
 from lightclip_core.cli import EXIT_BAD_INPUT, main
 from lightclip_core.config import Config
 from lightclip_core.data.prepare import prepare
+from lightclip_core.data.shards import read_manifest
 from lightclip_core.evaluate.evaluation import evaluate
 from lightclip_core.export.exporter import export
 from lightclip_core.export.inference import Embedder
 from lightclip_core.models.clip import CLIP
-from lightclip_core.register.registration import decide
 from lightclip_core.register import registration as registry
+from lightclip_core.register.registration import decide
 from lightclip_core.train.checkpoint import save_checkpoint
+from lightclip_core.train.trainer import training_lineage
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = "zeroshot/colour_shape/top1"
@@ -70,7 +72,8 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = Config.model_validate(TINY)
     prepare(cfg.data, root / "data")
     torch.manual_seed(0)
-    state = {"model": CLIP(cfg.model).state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": 10}
+    state = {"model": CLIP(cfg.model).state_dict(), "model_config": cfg.model.model_dump(mode="json"), "step": 10,
+             "lineage": training_lineage(cfg, read_manifest(root / "data" / "train"))}  # as `train` writes it
     export(cfg, save_checkpoint(root / "final.pt", state), root / "export")
     write_train_log(root / "train_log.csv")
     evaluate(cfg, root / "export", root / "data" / "test", root / "eval", train_log=root / "train_log.csv")

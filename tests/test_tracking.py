@@ -62,6 +62,8 @@ def test_one_parent_run_per_pipeline_with_one_child_per_stage(at_server, train_s
     assert parent.data.tags["kfp.run_id"] == "kfp-run-42"
     assert parent.data.params["train.lr"] == str(cfg.train.lr)
     assert parent.info.status == "FINISHED"
+    # MLflow's UI opens an experiment of this kind on its training runs, not on the GenAI traces overview
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["stage"] for c in children) == ["prepare", "train"]

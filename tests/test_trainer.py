@@ -12,6 +12,7 @@ import torch
 from lightclip_core.cli import main
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.prepare import prepare
+from lightclip_core.data.shards import read_manifest
 from lightclip_core.losses.objective import TrainingLoss, build_objectives
 from lightclip_core.models import build_model
 from lightclip_core.models.tokenizer import trim_padding
@@ -76,6 +77,12 @@ def test_checkpoints_are_kept_pruned_checksummed_and_load_with_weights_only(tiny
     assert rank["data"] == {"epoch": 0, "batches": 6, "worker_batches": [6], "next_worker": 0, "samples": 6 * 32}
     final = load_checkpoint(result.final_checkpoint)
     assert final["step"] == 8 and final["model_config"] == cfg.model.model_dump(mode="json")
+    manifest = read_manifest(train_dir)  # the weights carry what they were trained on, for every later report
+    assert final["lineage"]["data"] == {"split": "train", "num_samples": manifest["num_samples"],
+                                        "num_shards": len(manifest["shards"]), "source": "synthetic",
+                                        "tasks": sorted(manifest["tasks"]), "reinforced": False,
+                                        "shards_sha256": final["lineage"]["data"]["shards_sha256"]}
+    assert final["lineage"]["train"] == cfg.train.model_dump(mode="json")
     assert not list(tmp_path.rglob("*.tmp"))
 
 

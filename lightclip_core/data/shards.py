@@ -8,6 +8,7 @@ the manifest is written last, so a reader that trusts the manifest never sees a 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -91,6 +92,17 @@ class ShardSetWriter:
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     return read_versioned_json(join(str(dataset_dir), MANIFEST), "schema_version", SCHEMA_VERSION,
                                "run `lightclip prepare` first")
+
+
+def describe_dataset(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a split is, in a few fields that travel with the models trained or evaluated on it (its lineage): split,
+    sample and shard counts, the source that produced it, its zero-shot tasks, whether it is reinforced, and the
+    digest of its shard list."""
+    shards = manifest.get("shards", [])
+    digest = hashlib.sha256(json.dumps([s.get("sha256") for s in shards]).encode()).hexdigest()
+    return {"split": manifest.get("split"), "num_samples": manifest.get("num_samples"), "num_shards": len(shards),
+            "source": (manifest.get("params") or {}).get("source"), "tasks": sorted(manifest.get("tasks") or {}),
+            "reinforced": "reinforcement" in manifest, "shards_sha256": digest}
 
 
 def shard_paths(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:

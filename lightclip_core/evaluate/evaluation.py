@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from lightclip_core.config import Config, ConfigError
-from lightclip_core.data.shards import decode_image, decode_meta, iter_raw_samples, read_manifest, shard_paths
+from lightclip_core.data.shards import (decode_image, decode_meta, describe_dataset, iter_raw_samples, read_manifest,
+                                        shard_paths)
 from lightclip_core.evaluate import plots
-from lightclip_core.evaluate.report import ReportInputs, write_report
-from lightclip_core.evaluate.retrieval import retrieval_metrics
+from lightclip_core.evaluate.report import TEXT_EQUIVALENT, ReportInputs, write_report
+from lightclip_core.evaluate.retrieval import retrieval_metrics, text_equivalent_retrieval
 from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.load import ExportedModel, load_exported
 from lightclip_core.infra.storage import write_json_atomic
@@ -52,6 +53,7 @@ class TestEmbeddings:
     images: torch.Tensor  # [N, D]
     captions: torch.Tensor  # [M, D]
     caption_owner: torch.Tensor  # [M] index of the image each caption describes
+    caption_texts: list[str]  # [M] the captions themselves
     labels: dict[str, torch.Tensor]  # task -> [N] class indices
 
 
@@ -111,7 +113,8 @@ def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifes
     text_chunks = [model.encode_text(exported.tokenize(captions[i:i + batch_size]).to(device)).cpu()
                    for i in range(0, len(captions), batch_size)]
     return TestEmbeddings(images=torch.cat(image_chunks), captions=torch.cat(text_chunks),
-                          caption_owner=torch.tensor(owners), labels={t: torch.tensor(v) for t, v in labels.items()})
+                          caption_owner=torch.tensor(owners), caption_texts=captions,
+                          labels={t: torch.tensor(v) for t, v in labels.items()})
 
 
 def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec: dict[str, Any],
@@ -193,7 +196,12 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     recalls = retrieval_metrics(emb.images, emb.captions, emb.caption_owner, cfg.evaluate.recall_at)
     for direction, per_k in recalls.items():
         metrics.update({f"retrieval/{direction}/R@{k}": value for k, value in per_k.items()})
-    plot_paths["retrieval"] = plots.plot_retrieval_recall(recalls, files["retrieval"])
+    same_text = text_equivalent_retrieval(emb.images, emb.captions, emb.caption_texts, emb.caption_owner,
+                                          cfg.evaluate.recall_at)
+    for direction, per_k in same_text.items():
+        metrics.update({f"{TEXT_EQUIVALENT}/{direction}/R@{k}": value for k, value in per_k.items()})
+    both = {**recalls, **{f"{direction} (text-equivalent)": per_k for direction, per_k in same_text.items()}}
+    plot_paths["retrieval"] = plots.plot_retrieval_recall(both, files["retrieval"])
     pair_images, pair_captions, similarity = similarity_pairs(exported, test_dir, manifest, SIMILARITY_PAIRS)
     plot_paths["similarity"] = plots.plot_similarity_heatmap(pair_images, pair_captions, similarity,
                                                              files["similarity"])
@@ -205,7 +213,7 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     write_json_atomic(out_dir / PER_CLASS_FILE, per_class)
     write_json_atomic(out_dir / METRICS_FILE, metrics)  # sorted keys: DVC diffs it
     report = write_report(ReportInputs(
-        cfg=cfg, metrics=metrics, per_class=per_class, export_config=exported.config, test_manifest=manifest,
+        metrics=metrics, per_class=per_class, export_config=exported.config, test_data=describe_dataset(manifest),
         plots={name: str(path.relative_to(out_dir)) for name, path in plot_paths.items()}, training=training,
     ), out_dir, "LightCLIP evaluation report")
     log.info("evaluated %d test samples: %s", len(emb.images), metrics)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightclip_core.config import Config
 from lightclip_core.infra.storage import write_bytes_atomic
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
-HEADLINE_RETRIEVAL = "retrieval/image_to_text/R@1"
+STRICT = "retrieval"  # metric prefixes of the two retrieval definitions (lightclip_core/evaluate/retrieval.py)
+TEXT_EQUIVALENT = "retrieval_text_equivalent"
+HEADLINE_RETRIEVAL = f"{STRICT}/image_to_text/R@1"
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}")
@@ -49,14 +50,12 @@ class Comparison(GateFigures):
 class ReportInputs:
     """What the report describes. `plots` maps a plot name to its path relative to the report's directory."""
 
-    cfg: Config
     metrics: dict[str, float]
     per_class: dict[str, Any]
-    export_config: dict[str, Any]
-    test_manifest: dict[str, Any]
+    export_config: dict[str, Any]  # its `lineage` says what the model was trained on and how
+    test_data: dict[str, Any]  # lightclip_core.data.shards.describe_dataset of the test split
     plots: dict[str, str] = field(default_factory=dict)
-    train_manifest: dict[str, Any] | None = None
-    training: dict[str, float] = field(default_factory=dict)  # steps, final loss, ...
+    training: dict[str, float] = field(default_factory=dict)  # steps, final loss, ... from the training log
     comparison: Comparison | None = None
     lineage: dict[str, str] = field(default_factory=dict)
 
@@ -86,23 +85,38 @@ def describe_model(export_config: dict[str, Any]) -> str:
             f"{text.get('context_length')} tokens), {export_config.get('embed_dim')}-d embeddings{size}")
 
 
-def describe_data(manifest: dict[str, Any] | None) -> str:
-    if not manifest:
-        return "not recorded"
-    source = (manifest.get("params") or {}).get("source", "unknown source")
-    tasks = ", ".join(sorted(manifest.get("tasks") or {})) or "none"
-    count = manifest.get("num_samples")
+NOT_RECORDED = "not recorded with the model (an export made before its training lineage was kept)"
+
+
+def describe_data(data: dict[str, Any] | None) -> str:
+    """A split as lightclip_core.data.shards.describe_dataset summarises it."""
+    if not data:
+        return NOT_RECORDED
+    tasks = ", ".join(data.get("tasks") or []) or "none"
+    count = data.get("num_samples")
     count = f"{count:,}" if isinstance(count, int) else "?"
-    return (f"{count} image-text samples, `{manifest.get('split')}` split of the {source} dataset "
-            f"({_count(len(manifest.get('shards', [])), 'shard')}; zero-shot tasks: {tasks})")
+    kind = "reinforced " if data.get("reinforced") else ""
+    return (f"{count} image-text samples, {kind}`{data.get('split')}` split of the `{data.get('source')}` dataset "
+            f"({_count(data.get('num_shards') or 0, 'shard')}; zero-shot tasks: {tasks})")
 
 
-def describe_training(cfg: Config, training: dict[str, float]) -> str:
-    t = cfg.train
-    steps = f"{int(training['steps'])} steps" if "steps" in training else (
-        f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs")
+def trained_on(export_config: dict[str, Any]) -> dict[str, Any]:
+    """The training lineage the export carries: `data`, `train` (parameters) and `objectives`; empty if none."""
+    return export_config.get("lineage") or {}
+
+
+def describe_training(export_config: dict[str, Any], training: dict[str, float]) -> str:
+    """How the model was trained, from its own lineage (and the step log's figures)."""
+    t = trained_on(export_config).get("train")
     loss = f", final loss {training['final_loss']:.3f}" if "final_loss" in training else ""
-    return f"{steps} at batch size {t.batch_size}, learning rate {t.lr:g} ({t.precision}){loss}"
+    if not t:
+        steps = f"{int(training['steps'])} steps" if "steps" in training else "an unknown number of steps"
+        return f"{steps}{loss}; training parameters {NOT_RECORDED}"
+    steps = f"{int(training['steps'])} steps" if "steps" in training else (
+        f"{t['max_steps']} steps" if t.get("max_steps") else f"{t['epochs']:g} epochs")
+    objectives = ", ".join(trained_on(export_config).get("objectives") or []) or "?"
+    return (f"{steps} at batch size {t['batch_size']}, learning rate {t['lr']:g} ({t['precision']}), objectives: "
+            f"{objectives}{loss}")
 
 
 def zero_shot_rows(metrics: dict[str, float], per_class: dict[str, Any]) -> list[list[str]]:
@@ -117,13 +131,15 @@ def zero_shot_rows(metrics: dict[str, float], per_class: dict[str, Any]) -> list
 
 
 def retrieval_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
-    ks = sorted({int(k.rsplit("R@", 1)[1]) for k in metrics if k.startswith("retrieval/")})
+    """One row per direction and definition (strict; text-equivalent where measured)."""
+    ks = sorted({int(k.rsplit("R@", 1)[1]) for k in metrics if k.startswith((f"{STRICT}/", f"{TEXT_EQUIVALENT}/"))})
     rows = []
-    for direction in ("image_to_text", "text_to_image"):
-        if any(k.startswith(f"retrieval/{direction}/") for k in metrics):
-            rows.append([direction.replace("_", " ")] + [_pct(metrics.get(f"retrieval/{direction}/R@{k}"))
-                                                         for k in ks])
-    return ["direction"] + [f"R@{k}" for k in ks], rows
+    for prefix, name in ((STRICT, "strict"), (TEXT_EQUIVALENT, "text-equivalent")):
+        for direction in ("image_to_text", "text_to_image"):
+            if any(k.startswith(f"{prefix}/{direction}/") for k in metrics):
+                rows.append([direction.replace("_", " "), name] +
+                            [_pct(metrics.get(f"{prefix}/{direction}/R@{k}")) for k in ks])
+    return ["direction", "definition"] + [f"R@{k}" for k in ks], rows
 
 
 def comparison_section(c: Comparison, metrics: dict[str, float]) -> str:
@@ -157,13 +173,14 @@ def build_report(r: ReportInputs, title: str) -> str:
     tasks = zero_shot_rows(m, r.per_class)
     headline = [f"zero-shot top-1 on **{row[0]}** {row[3]} (chance {row[2]})" for row in tasks]
     if HEADLINE_RETRIEVAL in m:
-        headline.append(f"image-to-text retrieval R@1 {_pct(m[HEADLINE_RETRIEVAL])}")
+        same_text = m.get(HEADLINE_RETRIEVAL.replace(STRICT, TEXT_EQUIVALENT, 1))
+        headline.append(f"image-to-text retrieval R@1 {_pct(m[HEADLINE_RETRIEVAL])} strict" +
+                        (f", {_pct(same_text)} text-equivalent" if same_text is not None else ""))
     out = [f"# {title}", "", "## Summary", "",
            f"- **Model:** {describe_model(r.export_config)}.",
-           f"- **Trained** for {describe_training(r.cfg, r.training)}.",
-           f"- **Training data:** {describe_data(r.train_manifest)}." if r.train_manifest else
-           f"- **Training data:** the `{r.cfg.data.source}` source (see the training run).",
-           f"- **Test data:** {describe_data(r.test_manifest)}.",
+           f"- **Trained** for {describe_training(r.export_config, r.training)}.",
+           f"- **Training data:** {describe_data(trained_on(r.export_config).get('data'))}.",
+           f"- **Test data:** {describe_data(r.test_data)}.",
            f"- **Results:** {'; '.join(headline)}."]
     if r.comparison is not None:
         out += ["", comparison_section(r.comparison, m)]
@@ -178,7 +195,11 @@ def build_report(r: ReportInputs, title: str) -> str:
     header, rows = retrieval_rows(m)
     out += ["", "## Image-text retrieval", "",
             "For each test image, is one of its captions among the k captions the model ranks highest (image to "
-            "text), and for each caption, is its image among the k best images (text to image)?", "",
+            "text), and for each caption, is its image among the k best images (text to image)? *Strict* counts "
+            "only the image's own captions (and the caption's own image). *Text-equivalent* also counts a caption "
+            "of another image with the same text (case and spacing aside), and an image that has a caption with "
+            "the query's text: where captions repeat across images (class names, a caption grammar), strict "
+            "retrieval cannot tell identical captions apart and its ceiling is below 100%.", "",
             _table(header, rows)]
     for name, caption in (("retrieval", "recall at k"), ("similarity", "image-text similarity")):
         if name in r.plots:
@@ -222,9 +243,9 @@ def model_card(r: ReportInputs) -> str:
     """Short Markdown for the registered model version: what it is, its data, its figures, its lineage."""
     c = r.comparison
     lines = [f"**LightCLIP** {describe_model(r.export_config)}.", "",
-             f"- Trained for {describe_training(r.cfg, r.training)}.",
-             f"- Training data: {describe_data(r.train_manifest)}.",
-             f"- Test data: {describe_data(r.test_manifest)}."]
+             f"- Trained for {describe_training(r.export_config, r.training)}.",
+             f"- Training data: {describe_data(trained_on(r.export_config).get('data'))}.",
+             f"- Test data: {describe_data(r.test_data)}."]
     if c is not None:
         old = "no champion" if c.champion_version is None else \
             f"champion v{c.champion_version}: {_pct(c.champion_value)}"

@@ -1,4 +1,12 @@
-"""Image-text retrieval recall@k, with several captions per image."""
+"""Image-text retrieval recall@k, with several captions per image, by two definitions:
+
+- strict: a retrieved caption counts only if it is one of the image's own caption objects (and a retrieved image
+  only if it is the caption's own image);
+- text-equivalent: a retrieved caption counts if its text equals one of the image's captions, after case and
+  whitespace normalisation (and a retrieved image if one of its captions equals the query's text). On data whose
+  captions repeat (class-name captions, a caption grammar) strict retrieval counts an identical caption of another
+  image as a miss; this one does not.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -41,4 +49,32 @@ def retrieval_metrics(image_emb: Any, text_emb: Any, text_to_image: Any,
     return {
         "image_to_text": _recalls(owner[ranked_texts] == image_ids, ks),
         "text_to_image": _recalls(ranked_images == owner[:, None], ks),
+    }
+
+
+def normalise_text(text: str) -> str:
+    """Case and whitespace normalisation: what "the same caption" means for text-equivalent retrieval."""
+    return " ".join(text.lower().split())
+
+
+@torch.inference_mode()
+def text_equivalent_retrieval(image_emb: Any, text_emb: Any, texts: Sequence[str], text_to_image: Any,
+                              ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
+    """Recall@k both ways, a hit being any caption (image) whose text equals one of the image's captions (the
+    query's text), after :func:`normalise_text`. Same queries, candidates and ranking as :func:`retrieval_metrics`."""
+    images, captions = _as_tensor(image_emb, torch.float32), _as_tensor(text_emb, torch.float32)
+    owner = _as_tensor(text_to_image, torch.int64)
+    if len(texts) != len(captions):
+        raise ValueError(f"{len(texts)} caption texts for {len(captions)} caption embeddings")
+    retrieval_metrics(images, captions, owner, ks=ks[:1])  # the same input checks
+    ids: dict[str, int] = {}
+    text_id = torch.tensor([ids.setdefault(normalise_text(t), len(ids)) for t in texts], dtype=torch.int64)
+    has_text = torch.zeros(len(images), len(ids), dtype=torch.bool)  # [image, distinct text]
+    has_text[owner, text_id] = True
+    kmax = max(ks)
+    ranked_texts = _topk_indices(images, captions, min(kmax, len(captions)))
+    ranked_images = _topk_indices(captions, images, min(kmax, len(images)))
+    return {
+        "image_to_text": _recalls(has_text[torch.arange(len(images))[:, None], text_id[ranked_texts]], ks),
+        "text_to_image": _recalls(has_text[ranked_images, text_id[:, None]], ks),
     }

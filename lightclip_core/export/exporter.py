@@ -311,6 +311,8 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
     check_parity(parity, cfg.export.parity_tolerance)
 
     metadata = export_metadata(model, ckpt.get("step"), param_count_unfused, dropped)
+    if ckpt.get("lineage"):
+        metadata["lineage"] = ckpt["lineage"]  # the training data and parameters, for every report on this model
     metadata["files"].update({f"{name}_program": fname for name, fname in PROGRAM_FILES.items()})
     metadata["torch_export"] = {"files": PROGRAM_FILES, "inputs": ENCODER_INPUTS, "dynamic_axes": {"batch": 0},
                                 "normalized": True}

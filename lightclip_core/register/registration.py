@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightclip_core.config import Config, ConfigError
+from lightclip_core.data.shards import describe_dataset
 from lightclip_core.evaluate.report import Comparison, GateFigures, ReportInputs, model_card, write_report
 from lightclip_core.infra.storage import write_json_atomic
 from lightclip_core.tracking.mlflow_utils import StageRun, git_state, manifest_digest, metric_key
@@ -275,16 +276,17 @@ def _copy_plots(eval_dir: Path, out_dir: Path, tasks: list[str]) -> dict[str, st
     return found
 
 
-def _report_inputs(cfg: Config, inputs: RegisterInputs, out_dir: Path, comparison: Comparison,
-                   lineage: dict[str, str]) -> ReportInputs:
+def _report_inputs(inputs: RegisterInputs, out_dir: Path, comparison: Comparison, lineage: dict[str, str]
+                   ) -> ReportInputs:
     from lightclip_core.evaluate.evaluation import training_summary
 
     per_class_path = inputs.eval_dir / "per_class.json"
     per_class = json.loads(per_class_path.read_text()) if per_class_path.is_file() else {}
+    test_manifest = _manifest(inputs.test_data)
     return ReportInputs(
-        cfg=cfg, metrics=inputs.metrics, per_class=per_class,
+        metrics=inputs.metrics, per_class=per_class,
         export_config=json.loads((inputs.export_dir / "config.json").read_text()),
-        test_manifest=_manifest(inputs.test_data) or {}, train_manifest=_manifest(inputs.train_data),
+        test_data=describe_dataset(test_manifest) if test_manifest else {},
         plots=_copy_plots(inputs.eval_dir, out_dir, sorted(per_class)),
         training=training_summary(inputs.train_log) if inputs.train_log else {},
         comparison=comparison, lineage=lineage)
@@ -320,7 +322,7 @@ def register(cfg: Config, inputs: RegisterInputs, out_dir: str | os.PathLike, ru
             reason=decision.reason + _test_set_note(champion_tags, lineage),
             champion_version=str(champion.version) if champion else None, champion_value=champion_value,
             champion_metrics=recorded_metrics(champion_tags, list(inputs.metrics)))
-        report_inputs = _report_inputs(cfg, inputs, out_dir, comparison, lineage)
+        report_inputs = _report_inputs(inputs, out_dir, comparison, lineage)
         write_report(report_inputs, out_dir, f"LightCLIP model {reg.model_name} version {version}")
         client.update_model_version(reg.model_name, version, description=model_card(report_inputs))
         set_gate_tags(client, reg.model_name, version, version_tags(inputs, comparison, lineage))

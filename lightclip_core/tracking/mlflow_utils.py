@@ -34,6 +34,8 @@ KFP_ENV = "KFP_RUN_ID"
 ORCHESTRATOR_ENV = "LIGHTCLIP_ORCHESTRATOR"
 ROLE_TAG, PIPELINE_TAG, KFP_TAG = "lightclip.role", "lightclip.pipeline_id", "kfp.run_id"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI opens such an experiment on its training runs
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit on parameters in one log_batch call
 _DIGEST_LEN = 32  # MLflow stores dataset digests in 36 characters
@@ -54,6 +56,20 @@ def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
     if cfg.uri:
         return cfg.uri
     return f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def experiment_page(ui: str, experiment_id: str) -> str:
+    """The address of an experiment's training-runs table in the MLflow UI. MLflow 3's UI opens an experiment on
+    its GenAI overview unless the address (or the browser's remembered sidebar switch) asks for model training."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def experiment_url(cfg: TrackingConfig, ui: str, root: Path | None = None) -> str | None:
+    """The runs table of `cfg.experiment` in the UI at `ui`; None while the experiment does not exist yet."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri(cfg, root)).get_experiment_by_name(cfg.experiment)
+    return experiment_page(ui, experiment.experiment_id) if experiment is not None else None
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -160,11 +176,16 @@ def metric_key(key: str) -> str:
 
 # -------------------------------------------------------------------------------------------- MLflow calls
 def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment's id, created if needed, marked as model training so that MLflow's UI opens it on its runs
+    (MLflow 3 opens an unmarked experiment on its GenAI traces overview)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another stage created it in the meantime
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lightclip_core.config import Config, ConfigError
-from lightclip_core.data.shards import read_manifest
+from lightclip_core.data.shards import describe_dataset, read_manifest
 from lightclip_core.infra.distributed import (World, all_gather_objects, broadcast_object, current_world, device_for,
                                               init_from_env, shutdown, world_from_env)
 from lightclip_core.infra.sink import MetricSink
@@ -115,6 +115,15 @@ def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
         raise ValueError(f"train.batch_size={t.batch_size}: larger than the training split ({num_samples})")
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     return steps_per_epoch, total
+
+
+def training_lineage(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the final weights were trained on and how: the split (lightclip_core.data.shards.describe_dataset), the
+    `train` section and the objectives switched on. It travels into the export, so that reports describe the model
+    from its own lineage, not from the parameters at evaluation time."""
+    objectives = cfg.objectives.model_dump(mode="json")
+    return {"data": describe_dataset(manifest), "train": cfg.train.model_dump(mode="json"),
+            "objectives": sorted(name for name, section in objectives.items() if section["enabled"])}
 
 
 def train_fingerprint(cfg: Config, manifest: dict[str, Any], world_size: int) -> str:
@@ -339,7 +348,7 @@ class _Trainer:
         final = self.out_dir / "final.pt"
         if world.is_main:
             save_checkpoint(final, {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"),
-                                    "step": step})
+                                    "step": step, "lineage": training_lineage(cfg, manifest)})
         rank_samples = [p["samples"] for p in all_gather_objects(data.position.state_dict())]
         trained = step - resumed_from
         tail = step_log.rows[-min(len(step_log.rows), 20):]
