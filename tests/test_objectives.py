@@ -4,8 +4,8 @@ option), training-only parameters that never reach `final.pt` or an export, the 
 (weighted sum, log columns, switching objectives off, field-naming errors) and the EMA similarity source."""
 from __future__ import annotations
 
-import json
 import csv
+import json
 import math
 from pathlib import Path
 
