@@ -19,7 +19,7 @@ READS: dict[str, tuple[str, ...]] = {
     "reinforce": ("reinforce", "teacher.ensemble", "teacher.captioner", "teacher.second"),
     "train": ("model", "train", "objectives"),
     "export": ("export", "model"),
-    "evaluate": ("evaluate", "train", "data.source"),  # train and data.source: the report's description
+    "evaluate": ("evaluate",),  # the report describes the training from the model's lineage, not from params
     "register": ("registry", "evaluate.templates", "evaluate.batch_size"),  # the pyfunc model's defaults
 }
 UPSTREAM: dict[str, tuple[str, ...]] = {
