@@ -31,21 +31,28 @@ def _recalls(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     return {k: float(found_within[:, min(k, kmax) - 1].double().mean()) for k in ks}
 
 
-@torch.inference_mode()
-def retrieval_metrics(image_emb: Any, text_emb: Any, text_to_image: Any,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
-    """Recall@k both ways. Image to text: a hit if ANY caption of the image ranks in the top k. Text to image: a
-    hit if the caption's own image ranks in the top k. k is capped at the number of candidates."""
+def _ranked(image_emb: Any, text_emb: Any, text_to_image: Any, kmax: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked caption owners, each image's `kmax` best captions and each caption's `kmax` best images (k capped
+    at the number of candidates): the ranking both definitions score."""
     images, texts = _as_tensor(image_emb, torch.float32), _as_tensor(text_emb, torch.float32)
     owner = _as_tensor(text_to_image, torch.int64)
     if owner.shape != (len(texts),) or (len(owner) and not 0 <= int(owner.min()) <= int(owner.max()) < len(images)):
         raise ValueError(f"text_to_image must be {len(texts)} image indices in [0, {len(images)})")
     if not len(images) or not len(texts):
         raise ValueError(f"retrieval needs images and texts, got {len(images)} and {len(texts)}")
-    kmax = max(ks)
     ranked_texts = _topk_indices(images, texts, min(kmax, len(texts)))
-    image_ids = torch.arange(len(images))[:, None]
     ranked_images = _topk_indices(texts, images, min(kmax, len(images)))
+    return owner, ranked_texts, ranked_images
+
+
+@torch.inference_mode()
+def retrieval_metrics(image_emb: Any, text_emb: Any, text_to_image: Any,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
+    """Recall@k both ways. Image to text: a hit if ANY caption of the image ranks in the top k. Text to image: a
+    hit if the caption's own image ranks in the top k. k is capped at the number of candidates."""
+    owner, ranked_texts, ranked_images = _ranked(image_emb, text_emb, text_to_image, max(ks))
+    image_ids = torch.arange(len(ranked_texts))[:, None]
     return {
         "image_to_text": _recalls(owner[ranked_texts] == image_ids, ks),
         "text_to_image": _recalls(ranked_images == owner[:, None], ks),
@@ -62,19 +69,14 @@ def text_equivalent_retrieval(image_emb: Any, text_emb: Any, texts: Sequence[str
                               ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
     """Recall@k both ways, a hit being any caption (image) whose text equals one of the image's captions (the
     query's text), after :func:`normalise_text`. Same queries, candidates and ranking as :func:`retrieval_metrics`."""
-    images, captions = _as_tensor(image_emb, torch.float32), _as_tensor(text_emb, torch.float32)
-    owner = _as_tensor(text_to_image, torch.int64)
-    if len(texts) != len(captions):
-        raise ValueError(f"{len(texts)} caption texts for {len(captions)} caption embeddings")
-    retrieval_metrics(images, captions, owner, ks=ks[:1])  # the same input checks
+    if len(texts) != len(text_emb):
+        raise ValueError(f"{len(texts)} caption texts for {len(text_emb)} caption embeddings")
+    owner, ranked_texts, ranked_images = _ranked(image_emb, text_emb, text_to_image, max(ks))
     ids: dict[str, int] = {}
     text_id = torch.tensor([ids.setdefault(normalise_text(t), len(ids)) for t in texts], dtype=torch.int64)
-    has_text = torch.zeros(len(images), len(ids), dtype=torch.bool)  # [image, distinct text]
+    has_text = torch.zeros(len(ranked_texts), len(ids), dtype=torch.bool)  # [image, distinct text]
     has_text[owner, text_id] = True
-    kmax = max(ks)
-    ranked_texts = _topk_indices(images, captions, min(kmax, len(captions)))
-    ranked_images = _topk_indices(captions, images, min(kmax, len(images)))
     return {
-        "image_to_text": _recalls(has_text[torch.arange(len(images))[:, None], text_id[ranked_texts]], ks),
+        "image_to_text": _recalls(has_text[torch.arange(len(ranked_texts))[:, None], text_id[ranked_texts]], ks),
         "text_to_image": _recalls(has_text[ranked_images, text_id[:, None]], ks),
     }

@@ -10,7 +10,7 @@ from typing import Any
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.infra.sink import PrefixedSink
-from lightclip_core.stages.io import InputError, existing, local_dir, localise, output_dir, write_metrics
+from lightclip_core.stages.io import InputError, existing, local_dir, localise, output_dir
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 
@@ -62,7 +62,7 @@ def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike)
             metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
             run.log_artifact(result.log_path)
         run.log_metrics({f"summary/{k}": v for k, v in metrics.items()})
-        write_metrics(local / "metrics.json", metrics)
+        storage.write_json_atomic(local / "metrics.json", metrics)
     return TeacherSummary(str(out), list(teachers), metrics)
 
 
@@ -106,7 +106,7 @@ def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLik
         result = reinforce(cfg, data_dir, out, teacher_dir, shard_range, sink=run, publish=publish)
         run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
     if not storage.is_s3(str(out)):
-        write_metrics(Path(out).parent / f"{Path(out).name}-metrics.json", result.metrics)
+        storage.write_json_atomic(Path(out).parent / f"{Path(out).name}-metrics.json", result.metrics)
     return ReinforceSummary(str(result.out_dir), result.complete, result.skipped, result.metrics)
 
 

@@ -83,10 +83,6 @@ def output_dir(out: str | os.PathLike, name: str, last: Iterable[str] = (MANIFES
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_metrics(path: Path, metrics: dict) -> None:
-    storage.write_json_atomic(path, metrics)
-
-
 def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a nested dict under slash-joined keys."""
     out: dict[str, float] = {}

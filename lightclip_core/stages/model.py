@@ -8,7 +8,7 @@ from typing import Any
 
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
-from lightclip_core.stages.io import flat_numbers, local_dir, local_file, output_dir, write_metrics
+from lightclip_core.stages.io import flat_numbers, local_dir, local_file, output_dir
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 FINAL = "final.pt"
@@ -41,7 +41,7 @@ def run_train(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -
         result = train(cfg, train_dir, local, sink=run)
         run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
         run.log_artifact(result.train_log)
-    write_metrics(local / "metrics.json", result.metrics)
+    storage.write_json_atomic(local / "metrics.json", result.metrics)
     if remote:
         storage.publish_dir(local, remote, last=(FINAL,))
     return TrainSummary(storage.join(remote, FINAL) if remote else str(result.final_checkpoint), result.metrics)
