@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lightclip_core.config import Config
+from lightclip_core.data.caption_attributes import parse_caption, true_attributes
 from lightclip_core.data.shards import Sample, ShardSetWriter
-from lightclip_core.evaluate.evaluation import evaluate
-from lightclip_core.evaluate.retrieval import retrieval_metrics, text_equivalent_retrieval
+from lightclip_core.data.synthetic import make_sample, synthetic_tasks
+from lightclip_core.evaluate.evaluation import ORACLE_SEED, evaluate
+from lightclip_core.evaluate.retrieval import (attribute_consistent_retrieval, oracle_retrieval, oracle_scores,
+                                               retrieval_metrics, text_equivalent_retrieval)
 from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.exporter import export
 from lightclip_core.export.load import load_exported
@@ -89,19 +92,25 @@ def test_zero_shot_weights_average_the_templates() -> None:
 
 
 # ------------------------------------------------------------------------------------------ retrieval
-def brute_force_retrieval(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, ks: list[int]):
-    sim = images @ texts.T
+def brute_force_strict(image_scores: np.ndarray, text_scores: np.ndarray, owner: np.ndarray, ks: list[int]):
+    """Strict recall by loops from `[images, texts]` and `[texts, images]` scores (higher first)."""
+    num_images, num_texts = image_scores.shape
     i2t, t2i = {k: 0 for k in ks}, {k: 0 for k in ks}
-    for i in range(len(images)):
-        order = list(np.argsort(-sim[i]))
-        first = min(order.index(t) for t in range(len(texts)) if owner[t] == i)
+    for i in range(num_images):
+        order = list(np.argsort(-image_scores[i]))
+        first = min(order.index(t) for t in range(num_texts) if owner[t] == i)
         for k in ks:
             i2t[k] += first < k
-    for t in range(len(texts)):
-        order = list(np.argsort(-sim[:, t]))
+    for t in range(num_texts):
+        order = list(np.argsort(-text_scores[t]))
         for k in ks:
             t2i[k] += order.index(owner[t]) < k
-    return {k: v / len(images) for k, v in i2t.items()}, {k: v / len(texts) for k, v in t2i.items()}
+    return {k: v / num_images for k, v in i2t.items()}, {k: v / num_texts for k, v in t2i.items()}
+
+
+def brute_force_retrieval(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, ks: list[int]):
+    sim = images @ texts.T
+    return brute_force_strict(sim, sim.T, owner, ks)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -176,6 +185,139 @@ def test_identical_captions_of_other_images_are_hits_only_by_text() -> None:
 def test_retrieval_rejects_bad_caption_owners() -> None:
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), ks=[1])
+
+
+# ---------------------------------------------------------------- attribute-consistent retrieval, oracle
+def random_attribute_codes(seed: int, owner: np.ndarray, num_images: int, values=(3, 2, 2, 3)):
+    """Random image attributes (few values, so that many images share them) and, for every caption, a random
+    subset of attributes named, mostly with its image's value and sometimes with a random one (maybe wrong)."""
+    rng = np.random.default_rng(seed)
+    images = np.stack([rng.integers(0, v, num_images) for v in values], axis=1)
+    random = np.stack([rng.integers(0, v, len(owner)) for v in values], axis=1)
+    texts = np.where(rng.random(random.shape) < 0.2, random, images[owner])
+    texts[rng.random(texts.shape) < 0.4] = -1  # not named
+    return images, texts
+
+
+def consistent_by_loops(image: np.ndarray, text: np.ndarray) -> bool:
+    return all(t < 0 or t == v for v, t in zip(image, text, strict=True))
+
+
+def brute_force_attribute_consistent(images, texts, image_codes, text_codes, ks):
+    sim = images @ texts.T
+    i2t = {k: float(np.mean([any(consistent_by_loops(image_codes[i], text_codes[c]) for c in np.argsort(-sim[i])[:k])
+                             for i in range(len(images))])) for k in ks}
+    t2i = {k: float(np.mean([any(consistent_by_loops(image_codes[j], text_codes[c])
+                                 for j in np.argsort(-sim[:, c])[:k]) for c in range(len(texts))])) for k in ks}
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attribute_consistent_retrieval_matches_brute_force(seed: int) -> None:
+    images, texts, owner = random_retrieval_set(seed)
+    image_codes, text_codes = random_attribute_codes(seed, owner, len(images))
+    ks = [1, 3, 10]
+    result = attribute_consistent_retrieval(images, texts, owner, image_codes, text_codes, ks)
+    i2t, t2i = brute_force_attribute_consistent(images, texts, image_codes, text_codes, ks)
+    assert result["image_to_text"] == pytest.approx(i2t) and result["text_to_image"] == pytest.approx(t2i)
+    strict = retrieval_metrics(images, texts, owner, ks)
+    assert result["image_to_text"][1] != strict["image_to_text"][1]  # the definitions differ here
+
+
+def test_a_caption_of_another_image_with_the_same_content_is_an_attribute_hit_only() -> None:
+    # two small red circles: each image's nearest caption is the other's, worded differently (and truly)
+    captions = ["A tiny red circle.", "A little red circle."]
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    owner = torch.tensor([0, 1])
+    truth = [{"colour": "red", "shape": "circle", "size": "small", "position": p} for p in ("left", "right")]
+    image_codes = [true_attributes(meta).codes() for meta in truth]
+    text_codes = [parse_caption(caption).codes() for caption in captions]
+    ks = [1]
+    assert retrieval_metrics(images, texts, owner, ks) == {"image_to_text": {1: 0.0}, "text_to_image": {1: 0.0}}
+    assert text_equivalent_retrieval(images, texts, captions, owner, ks) == \
+        {"image_to_text": {1: 0.0}, "text_to_image": {1: 0.0}}
+    assert attribute_consistent_retrieval(images, texts, owner, image_codes, text_codes, ks) == \
+        {"image_to_text": {1: 1.0}, "text_to_image": {1: 1.0}}
+    # the caption "on the left" of image 0 would not fit image 1
+    text_codes[0] = parse_caption("A tiny red circle on the left.").codes()
+    assert attribute_consistent_retrieval(images, texts, owner, image_codes, text_codes, ks) == \
+        {"image_to_text": {1: 0.5}, "text_to_image": {1: 0.5}}
+
+
+def test_attribute_codes_are_checked() -> None:
+    with pytest.raises(ValueError, match="every attribute of every image"):
+        attribute_consistent_retrieval(torch.eye(2), torch.eye(2), [0, 1], [[0, -1], [0, 0]], [[0, 0], [0, 0]])
+    with pytest.raises(ValueError, match="attribute codes of 2 images and 1 captions"):
+        attribute_consistent_retrieval(torch.eye(2), torch.eye(2), [0, 1], [[0], [1]], [[0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_oracle_ranks_by_its_rules(seed: int) -> None:
+    _, _, owner = random_retrieval_set(seed)
+    image_codes, text_codes = random_attribute_codes(seed, owner, 40)
+    image_scores, text_scores = (s.numpy() for s in oracle_scores(image_codes, text_codes, seed=seed))
+    named = (text_codes >= 0).sum(axis=1)
+    for i in range(len(image_codes)):  # consistent captions first, the more specific first
+        keys = [named[c] + 1 if consistent_by_loops(image_codes[i], text_codes[c]) else 0
+                for c in np.argsort(-image_scores[i])]
+        assert keys == sorted(keys, reverse=True) and len(set(keys)) > 1
+    for c in range(len(text_codes)):  # consistent images first
+        keys = [consistent_by_loops(image_codes[j], text_codes[c]) for j in np.argsort(-text_scores[c])]
+        assert keys == sorted(keys, reverse=True)
+    again, other = oracle_scores(image_codes, text_codes, seed=seed), oracle_scores(image_codes, text_codes, seed + 7)
+    assert np.array_equal(again[0].numpy(), image_scores)  # seeded
+    assert not np.array_equal(other[0].argsort().numpy(), image_scores.argsort())  # ties ordered by the seed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oracle_strict_recall_matches_brute_force(seed: int) -> None:
+    _, _, owner = random_retrieval_set(seed)
+    image_codes, text_codes = random_attribute_codes(seed, owner, 40)
+    ks = [1, 5, 10]
+    result = oracle_retrieval(owner, image_codes, text_codes, ks, seed=seed)
+    image_scores, text_scores = (s.numpy() for s in oracle_scores(image_codes, text_codes, seed=seed))
+    i2t, t2i = brute_force_strict(image_scores, text_scores, owner, ks)
+    assert result["image_to_text"] == pytest.approx(i2t) and result["text_to_image"] == pytest.approx(t2i)
+
+
+def expected_oracle_r1(image_codes: np.ndarray, text_codes: np.ndarray, owner: np.ndarray):
+    """Each query's probability of a strict hit at rank 1 under the oracle's random tie-breaks. Image to text: the
+    share of its own captions among the most specific consistent ones. Text to image: one over the number of images
+    consistent with the caption (its own image is one of them)."""
+    consistent = ((text_codes[None] < 0) | (text_codes[None] == image_codes[:, None])).all(axis=-1)  # [N, M]
+    named = (text_codes >= 0).sum(axis=1)
+    i2t = []
+    for i, fits in enumerate(consistent):
+        best = fits & (named == named[fits].max())
+        i2t.append(np.mean(owner[best] == i))
+    return np.array(i2t), 1 / consistent.sum(axis=0)
+
+
+def test_oracle_on_the_synthetic_test_split_sets_a_ceiling_well_below_one() -> None:
+    # a caption names at most the four attributes, which other images share: even a ranker that knows them all
+    # cannot tell those images' captions apart. On the default test split (seed 0, 64 px, 1,000 images) the
+    # oracle's strict R@1 is 35.8% image to text and 23.7% text to image; chance is 0.1% both ways.
+    samples = [make_sample(0, "test", i, 64, 0.0) for i in range(1000)]
+    captions = [c for s in samples for c in s.meta["captions"]]
+    owner = np.array([i for i, s in enumerate(samples) for _ in s.meta["captions"]])
+    image_codes = np.array([true_attributes(s.meta).codes() for s in samples])
+    text_codes = np.array([parse_caption(c).codes() for c in captions])
+    result = oracle_retrieval(owner, image_codes, text_codes, ks=[1, 10], seed=ORACLE_SEED)
+    chance = {"image_to_text": 2 / len(captions), "text_to_image": 1 / len(samples)}
+    for direction, hit_probability in zip(chance, expected_oracle_r1(image_codes, text_codes, owner), strict=True):
+        r1 = result[direction][1]
+        assert 100 * chance[direction] < r1 < 0.5, (direction, r1)
+        # it is what the rules predict: within 4 standard deviations of the expectation over the tie-breaks
+        sd = np.sqrt((hit_probability * (1 - hit_probability)).sum()) / len(hit_probability)
+        assert abs(r1 - hit_probability.mean()) < 4 * sd, (direction, r1, hit_probability.mean())
+    assert result == oracle_retrieval(owner, image_codes, text_codes, ks=[1, 10], seed=ORACLE_SEED)
+    # and the model's strict recall is always below the attribute-consistent one on this data
+    rng = np.random.default_rng(0)
+    images, texts = unit_rows(rng.standard_normal((1000, 8))), unit_rows(rng.standard_normal((len(owner), 8)))
+    strict = retrieval_metrics(images, texts, owner, [1, 10])
+    consistent = attribute_consistent_retrieval(images, texts, owner, image_codes, text_codes, [1, 10])
+    assert all(consistent[d][k] >= strict[d][k] for d in strict for k in (1, 10))
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -270,6 +412,7 @@ def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
     assert all(written[f"retrieval_text_equivalent/{d}/R@1"] >= written[f"retrieval/{d}/R@1"]
                for d in ("image_to_text", "text_to_image"))
     assert "| image to text | text-equivalent |" in report
+    assert "attribute" not in report  # not synthetic data: no attribute-consistent retrieval, no oracle
     assert all(f"(plots/{name})" in report for name in names if "confusion" not in name)
     page = result.report["html"].read_text()
     assert page.count("data:image/png;base64,") == len(names) - 2 and "<table>" in page
@@ -277,6 +420,33 @@ def test_evaluate_stage_end_to_end(stage_inputs, tmp_path: Path) -> None:
     again = evaluate(cfg, export_dir, test_dir, tmp_path / "again")
     assert again.metrics_path.read_bytes() == result.metrics_path.read_bytes()  # deterministic for DVC
     assert "training_curves" not in again.plots
+
+
+def test_evaluate_on_a_synthetic_split_adds_attribute_retrieval_and_the_oracle(stage_inputs, tmp_path: Path) -> None:
+    cfg, export_dir, _, _ = stage_inputs
+    writer = ShardSetWriter(tmp_path / "test", "test", samples_per_shard=10)
+    samples = [make_sample(0, "test", i, 32, 0.0) for i in range(24)]
+    for sample in samples:
+        writer.write(sample)
+    writer.close(params={"source": "synthetic", "seed": 0}, tasks=synthetic_tasks())
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"tasks": ["colour"]})})
+    metrics = evaluate(cfg, export_dir, tmp_path / "test", tmp_path / "eval").metrics
+    directions = ("image_to_text", "text_to_image")
+    for prefix in ("retrieval", "retrieval_text_equivalent", "retrieval_attribute", "retrieval_oracle"):
+        assert {k for k in metrics if k.startswith(f"{prefix}/")} == {f"{prefix}/{d}/R@{k}" for d in directions
+                                                                        for k in (1, 5)}
+    assert all(metrics[f"retrieval_attribute/{d}/R@{k}"] >= metrics[f"retrieval/{d}/R@{k}"]  # true captions
+               for d in directions for k in (1, 5))
+    # the oracle of the split's own attributes and captions, with the stage's seed
+    owner = [i for i, s in enumerate(samples) for _ in s.meta["captions"]]
+    oracle = oracle_retrieval(owner, [true_attributes(s.meta).codes() for s in samples],
+                              [parse_caption(c).codes() for s in samples for c in s.meta["captions"]], [1, 5],
+                              seed=ORACLE_SEED)
+    assert all(metrics[f"retrieval_oracle/{d}/R@{k}"] == oracle[d][k] for d in directions for k in (1, 5))
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| image to text | attribute-consistent |" in report and "| text to image | attribute oracle (strict) |" \
+        in report and "*Attribute-consistent*" in report
+    assert "attribute-consistent, " in report.split("## Summary")[1].split("##")[0]  # in the headline too
 
 
 def test_evaluate_selected_task_only(stage_inputs, tmp_path: Path) -> None:

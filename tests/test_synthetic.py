@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lightclip_core.config import DataConfig
+from lightclip_core.data.caption_attributes import NamedAttributes, parse_caption, true_attributes
 from lightclip_core.data.prepare import prepare
 from lightclip_core.data.shards import iter_raw_samples, read_manifest, shard_paths, verify_shards
-from lightclip_core.data.synthetic import (COLOURS, POSITION_ANCHORS, POSITION_PHRASES, SHAPES, SIZE_WORDS,
-                                          colour_shape_classes, make_sample, synthetic_tasks)
+from lightclip_core.data.synthetic import (COLOURS, POSITION_ANCHORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZE_WORDS,
+                                          SIZES, TEMPLATES_WITH_POSITION, TEMPLATES_WITHOUT_POSITION,
+                                          Attributes, colour_shape_classes, compose_caption, make_sample,
+                                          synthetic_tasks)
 
 
 def small_config(seed: int = 0, **synthetic) -> DataConfig:
@@ -173,6 +179,104 @@ def test_held_out_splits_are_clean_and_test_has_two_different_captions() -> None
         assert test.caption == test.meta["captions"][0]
         for caption in test.meta["captions"]:
             assert not _wrong_attributes(test.meta, caption), caption
+
+
+# ------------------------------------------------------------------------------- captions parsed back
+class ScriptedRng:
+    """Stands in for numpy's Generator in `compose_caption`: replays a script of decisions (option indices), takes
+    option 0 at every decision past its end and records how many options each decision had, so that a depth-first
+    walk over the scripts visits every caption the grammar can produce."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.taken, self.options = script, [], []
+
+    def _decide(self, options: int) -> int:
+        choice = self.script[len(self.taken)] if len(self.taken) < len(self.script) else 0
+        self.taken.append(choice)
+        self.options.append(options)
+        return choice
+
+    def random(self) -> float:  # option 0 is below any probability, option 1 above any below 1 - 1e-9
+        return (0.0, 1 - 1e-9)[self._decide(2)]
+
+    def integers(self, high: int) -> int:
+        return self._decide(high)
+
+
+def every_script(compose: Callable[[ScriptedRng], str]) -> Iterator[list[int]]:
+    """Every sequence of decisions `compose` can take."""
+    pending: list[list[int]] = [[]]
+    while pending:
+        rng = ScriptedRng(pending.pop())
+        compose(rng)
+        for i in range(len(rng.script), len(rng.taken)):
+            pending += [rng.taken[:i] + [option] for option in range(1, rng.options[i])]
+        yield rng.taken
+
+
+def other(values: tuple[str, ...], value: str) -> str:
+    return values[(values.index(value) + 1) % len(values)]
+
+
+def expected_parse(attrs: Attributes, compose: Callable[[Attributes], str]) -> NamedAttributes:
+    """What a caption names, found without reading it: an attribute is named if and only if changing it (with the
+    same random decisions) changes the caption."""
+    caption = compose(attrs)
+    size_named = compose(replace(attrs, size=other(SIZES, attrs.size))) != caption
+    position_named = compose(replace(attrs, position=other(POSITIONS, attrs.position))) != caption
+    return NamedAttributes(attrs.colour, attrs.shape, attrs.size if size_named else None,
+                           attrs.position if position_named else None)
+
+
+def test_every_caption_of_the_grammar_parses_back_to_the_attributes_it_names() -> None:
+    seen: set[str] = set()
+    named_sets = set()
+    for values in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS):
+        attrs = Attributes(*values)
+        for script in every_script(lambda rng: compose_caption(attrs, rng)):
+            def compose(a: Attributes, script: list[int] = script) -> str:
+                return compose_caption(a, ScriptedRng(script))
+            caption = compose(attrs)
+            expected = expected_parse(attrs, compose)
+            assert parse_caption(caption) == expected, caption
+            seen.add(caption)
+            named_sets.add((expected.size is not None, expected.position is not None))
+    # the walk covers the grammar: every wording of every colour and shape, with and without size and position
+    nouns = 1 + sum(len(words) for words in SIZE_WORDS.values())
+    endings = len(TEMPLATES_WITHOUT_POSITION) + len(TEMPLATES_WITH_POSITION) * sum(map(len, POSITION_PHRASES.values()))
+    assert len(seen) == len(COLOURS) * len(SHAPES) * nouns * endings
+    assert named_sets == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_captions_of_seeded_generators_parse_back_to_the_attributes_they_name() -> None:
+    # the same check with numpy's generator, as make_sample calls it (every attribute draws as many numbers
+    # whatever its value, so a seed takes the same decisions for changed attributes)
+    picks = np.random.default_rng(0)
+    for seed in range(2000):
+        attrs = Attributes(*(str(picks.choice(v)) for v in (list(COLOURS), SHAPES, SIZES, POSITIONS)))
+        def compose(a: Attributes, seed: int = seed) -> str:
+            return compose_caption(a, np.random.default_rng(seed))
+        assert parse_caption(compose(attrs)) == expected_parse(attrs, compose), compose(attrs)
+
+
+def test_test_captions_name_only_true_attributes() -> None:
+    for i in range(100):
+        sample = make_sample(0, "test", i, 16, 0.0)
+        truth = true_attributes(sample.meta)
+        for caption in sample.meta["captions"]:
+            named = parse_caption(caption)
+            assert named.is_true_of(truth) and named.colour and named.shape, caption
+
+
+def test_parse_caption_reads_case_and_spacing_freely_and_refuses_two_values() -> None:
+    assert parse_caption("  A TINY  red circle  ON THE  LEFT-HAND SIDE.") == \
+        NamedAttributes("red", "circle", "small", "left")
+    assert parse_caption("a circle") == NamedAttributes(shape="circle")
+    assert parse_caption("a redcircle across the page") == NamedAttributes()  # whole words only
+    with pytest.raises(ValueError, match="several values of colour"):
+        parse_caption("a red and blue circle")
+    with pytest.raises(ValueError, match="size='medium'"):
+        true_attributes({"colour": "red", "shape": "circle", "size": "medium", "position": "left"})
 
 
 # -------------------------------------------------------------------------------------------------- tasks

@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from lightclip_core.config import Config, ConfigError
+from lightclip_core.data.caption_attributes import parse_caption, true_attributes
 from lightclip_core.data.shards import (decode_image, decode_meta, describe_dataset, iter_raw_samples, read_manifest,
                                         shard_paths)
 from lightclip_core.evaluate import plots
-from lightclip_core.evaluate.report import TEXT_EQUIVALENT, ReportInputs, write_report
-from lightclip_core.evaluate.retrieval import retrieval_metrics, text_equivalent_retrieval
+from lightclip_core.evaluate.report import (ATTRIBUTE, ORACLE, RETRIEVAL_DEFINITIONS, STRICT, TEXT_EQUIVALENT,
+                                            ReportInputs, write_report)
+from lightclip_core.evaluate.retrieval import (attribute_consistent_retrieval, oracle_retrieval, retrieval_metrics,
+                                               text_equivalent_retrieval)
 from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.load import ExportedModel, load_exported
 from lightclip_core.infra.storage import write_json_atomic
@@ -35,6 +38,8 @@ PER_CLASS_FILE = "per_class.json"
 PLOTS_DIR = "plots"
 ZERO_SHOT_KS = (1, 5)
 SIMILARITY_PAIRS = 8
+ORACLE_SEED = 0  # the attribute oracle's tie-break order: fixed, so that metrics.json is deterministic
+Recalls = dict[str, dict[int, float]]  # direction -> k -> recall
 
 
 @dataclass
@@ -55,6 +60,7 @@ class TestEmbeddings:
     caption_owner: torch.Tensor  # [M] index of the image each caption describes
     caption_texts: list[str]  # [M] the captions themselves
     labels: dict[str, torch.Tensor]  # task -> [N] class indices
+    image_meta: list[dict[str, Any]] = field(default_factory=list)  # [N] each image's sample metadata
 
 
 def select_tasks(manifest: dict[str, Any], requested: list[str] | None, test_dir: str | os.PathLike) -> dict:
@@ -95,8 +101,10 @@ def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifes
     captions: list[str] = []
     owners: list[int] = []
     labels: dict[str, list[int]] = {task: [] for task in tasks}
+    metas: list[dict[str, Any]] = []
     for n, raw in enumerate(iter_raw_samples(shard_paths(test_dir, manifest))):
         meta = decode_meta(raw)
+        metas.append(meta)
         pending.append(exported.preprocess(decode_image(raw)))
         if len(pending) == batch_size:
             image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
@@ -114,7 +122,7 @@ def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifes
                    for i in range(0, len(captions), batch_size)]
     return TestEmbeddings(images=torch.cat(image_chunks), captions=torch.cat(text_chunks),
                           caption_owner=torch.tensor(owners), caption_texts=captions,
-                          labels={t: torch.tensor(v) for t, v in labels.items()})
+                          labels={t: torch.tensor(v) for t, v in labels.items()}, image_meta=metas)
 
 
 def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec: dict[str, Any],
@@ -138,6 +146,26 @@ def similarity_pairs(exported: ExportedModel, test_dir: str | os.PathLike, manif
     image_emb = model.encode_image(torch.stack([exported.preprocess(im) for im in images]).to(device)).cpu()
     text_emb = model.encode_text(exported.tokenize(captions).to(device)).cpu()
     return [np.asarray(im) for im in images], captions, (text_emb @ image_emb.T).numpy()
+
+
+def attribute_recalls(emb: TestEmbeddings, ks: list[int]) -> dict[str, Recalls]:
+    """Attribute-consistent recall of the model and the attribute oracle's strict recall (metric prefix -> recalls),
+    from the images' synthetic attributes and the attributes their captions name."""
+    images = [true_attributes(meta).codes() for meta in emb.image_meta]
+    texts = [parse_caption(text).codes() for text in emb.caption_texts]
+    return {ATTRIBUTE: attribute_consistent_retrieval(emb.images, emb.captions, emb.caption_owner, images, texts, ks),
+            ORACLE: oracle_retrieval(emb.caption_owner, images, texts, ks, seed=ORACLE_SEED)}
+
+
+def retrieval_recalls(emb: TestEmbeddings, manifest: dict[str, Any], ks: list[int]) -> dict[str, Recalls]:
+    """Recall at k by every retrieval definition that applies to the test split (metric prefix -> recalls): strict
+    and text-equivalent always; attribute-consistent and the attribute oracle on a synthetic split."""
+    recalls = {STRICT: retrieval_metrics(emb.images, emb.captions, emb.caption_owner, ks),
+               TEXT_EQUIVALENT: text_equivalent_retrieval(emb.images, emb.captions, emb.caption_texts,
+                                                          emb.caption_owner, ks)}
+    if describe_dataset(manifest)["source"] == "synthetic":
+        recalls.update(attribute_recalls(emb, ks))
+    return recalls
 
 
 def training_summary(train_log: str | os.PathLike) -> dict[str, float]:
@@ -193,15 +221,12 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
         plot_paths[f"{task}/confusion"] = plots.plot_confusion_matrix(
             result["confusion"], spec["classes"], f"{title}: confusion", files[f"{task}/confusion"])
 
-    recalls = retrieval_metrics(emb.images, emb.captions, emb.caption_owner, cfg.evaluate.recall_at)
-    for direction, per_k in recalls.items():
-        metrics.update({f"retrieval/{direction}/R@{k}": value for k, value in per_k.items()})
-    same_text = text_equivalent_retrieval(emb.images, emb.captions, emb.caption_texts, emb.caption_owner,
-                                          cfg.evaluate.recall_at)
-    for direction, per_k in same_text.items():
-        metrics.update({f"{TEXT_EQUIVALENT}/{direction}/R@{k}": value for k, value in per_k.items()})
-    both = {**recalls, **{f"{direction} (text-equivalent)": per_k for direction, per_k in same_text.items()}}
-    plot_paths["retrieval"] = plots.plot_retrieval_recall(both, files["retrieval"])
+    recalls = retrieval_recalls(emb, manifest, cfg.evaluate.recall_at)
+    metrics.update({f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
+                    for direction, per_k in result.items() for k, value in per_k.items()})
+    plot_paths["retrieval"] = plots.plot_retrieval_recall(
+        {f"{direction}, {RETRIEVAL_DEFINITIONS[prefix]}": per_k for prefix, result in recalls.items()
+         for direction, per_k in result.items()}, files["retrieval"])
     pair_images, pair_captions, similarity = similarity_pairs(exported, test_dir, manifest, SIMILARITY_PAIRS)
     plot_paths["similarity"] = plots.plot_similarity_heatmap(pair_images, pair_captions, similarity,
                                                              files["similarity"])

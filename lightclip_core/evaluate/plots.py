@@ -91,20 +91,21 @@ def _class_ticks(axis: Axis, classes: Sequence[str], rotation: int) -> None:
 
 
 def plot_retrieval_recall(recalls: dict[str, dict[int, float]], path: Path) -> Path:
-    """Recall at k for image-to-text and text-to-image retrieval, grouped by k."""
-    directions = sorted(recalls)
+    """Recall at k for image-to-text and text-to-image retrieval, grouped by k; `recalls` maps a series (a direction,
+    or a direction and a definition) to its recall at each k, in legend order."""
+    directions = list(recalls)
     ks = sorted({k for per_k in recalls.values() for k in per_k})
     width = 0.8 / max(len(directions), 1)
-    fig = Figure(figsize=(max(5.0, 1.2 * len(ks) + 2), 4))
+    fig = Figure(figsize=(max(5.0, (0.3 * len(directions) + 0.4) * len(ks) + 4), 4))
     ax = fig.subplots()
     for i, direction in enumerate(directions):
         values = [recalls[direction].get(k, np.nan) for k in ks]
         bars = ax.bar(np.arange(len(ks)) + (i - (len(directions) - 1) / 2) * width, values, width,
                       label=direction.replace("_", " "))
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90 if len(directions) > 4 else 0, padding=2)
     ax.set_xticks(np.arange(len(ks)), labels=[f"R@{k}" for k in ks])
-    ax.set(ylim=(0, 1.05), ylabel="recall", title="Image-text retrieval: recall at k")
-    ax.legend(loc="upper left")
+    ax.set(ylim=(0, 1.15), ylabel="recall", title="Image-text retrieval: recall at k")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return _save(fig, path)
 
 
