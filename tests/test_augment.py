@@ -241,3 +241,69 @@ def test_from_json_rejects_malformed_entries(entry, message):
 def test_box_outside_image_is_rejected():
     with pytest.raises(ValueError, match="does not fit"):
         ReplayableAugment(32).apply(make_image(48, 80), AugParams((40, 0, 41, 10), IDENTITY_OPS))
+
+
+# ------------------------------------------------------------------------------------------ 8. configured op pools
+POOL = {"ShearY": 5, "Rotate": 4, "Color": 9, "Sharpness": 12, "Posterize": 30}
+
+
+def test_ops_are_drawn_only_from_the_pool_each_at_its_own_magnitude():
+    aug = ReplayableAugment(48, ops=POOL)
+    table = T.RandAugment()._augmentation_space(31, (48, 48))
+    drawn = [op for params in draws(aug, make_image(64, 72), 700, seed=8) for op in params.ops]
+    counts = {name: sum(OP_NAMES[k] == name for k, _ in drawn) for name in POOL}
+    assert {OP_NAMES[k] for k, _ in drawn} == set(POOL)
+    assert stats.chisquare(list(counts.values())).pvalue > 1e-4  # uniform over the pool
+    for k, m in drawn:
+        values, signed = table[OP_NAMES[k]]
+        assert (abs(m) if signed else m) == float(values[POOL[OP_NAMES[k]]])
+    assert {m < 0 for k, m in drawn if OP_NAMES[k] == "Rotate"} == {True, False}
+
+
+def test_a_list_of_names_takes_the_common_magnitude_and_the_pool_order_does_not_matter():
+    image = make_image(64, 72)
+    listed = ReplayableAugment(32, magnitude=7, ops=["Rotate", "ShearX"])
+    mapped = ReplayableAugment(32, ops={"ShearX": 7, "Rotate": 7})
+    reordered = ReplayableAugment(32, ops={"Rotate": 7, "ShearX": 7})
+    assert draws(listed, image, 50) == draws(mapped, image, 50) == draws(reordered, image, 50)
+
+
+def test_all_ops_is_torchvisions_randaugment_draw_for_draw():
+    image = make_image(64, 72)
+    assert draws(ReplayableAugment(32, ops="all"), image, 100) == draws(ReplayableAugment(32), image, 100)
+    every = ReplayableAugment(32, ops=dict.fromkeys(OP_NAMES, 9))
+    assert draws(every, image, 100) == draws(ReplayableAugment(32), image, 100)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_replay_of_a_pool_equals_the_sampled_view(interpolation):
+    image = make_image(96, 48)
+    aug = ReplayableAugment(40, scale=(0.7, 1.0), ratio=(0.9, 1.1), ops=POOL, interpolation=interpolation)
+    for k in range(30):
+        out, params = aug(image, sample_generator(3, "pool", k))
+        restored = AugParams.from_json(json.loads(json.dumps(params.to_json())))
+        np.testing.assert_array_equal(pixels(aug.apply(image, restored)), pixels(out))
+        # stored indices replay without knowing the pool (the trainer's ReplayableAugment has none)
+        np.testing.assert_array_equal(pixels(ReplayableAugment(40, interpolation=interpolation).apply(image, restored)),
+                                      pixels(out))
+
+
+@pytest.mark.parametrize("ops,message", [({"Rotat": 3}, "unknown ops"), ({}, "empty"), ({"Rotate": 31}, "bin"),
+                                         ({"Rotate": 2.0}, "bin"), ("Rotate", "a list of op names")])
+def test_bad_pools_are_rejected(ops, message):
+    with pytest.raises(ValueError, match=message):
+        ReplayableAugment(32, ops=ops)
+
+
+def test_geometry_replay_moves_a_mask_with_the_view_and_skips_photometric_ops():
+    grey = Image.fromarray(np.asarray(make_image(64, 72))[..., 1])  # one channel, textured
+    aug = ReplayableAugment(48, ops={"ShearX": 20, "TranslateY": 20, "Rotate": 20, "Solarize": 9, "Equalize": 0})
+    geometric = {OP_NAMES.index(n) for n in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")}
+    for k in range(20):
+        params = aug.sample(grey, sample_generator(9, "mask", k))
+        moved = pixels(aug.apply_geometry(grey, params, size=32, reference_size=48))
+        assert moved.ndim == 2 and moved.shape == (32, 32)
+        only_geometric = AugParams(params.box, tuple(op for op in params.ops if op[0] in geometric))
+        expected = pixels(aug.apply(grey, only_geometric, size=32, reference_size=48))  # RGB of the same grey
+        for channel in range(3):
+            np.testing.assert_array_equal(moved, expected[..., channel])

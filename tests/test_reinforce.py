@@ -13,7 +13,7 @@ import webdataset as wds
 
 from lightclip_core.cli import main
 from lightclip_core.config import Config
-from lightclip_core.data.augment import AugParams
+from lightclip_core.data.augment import OP_NAMES, AugParams
 from lightclip_core.data.prepare import prepare
 from lightclip_core.data.reinforced import decode_reinforcement
 from lightclip_core.data.shards import iter_raw_samples, read_manifest, shard_paths, verify_shards
@@ -76,8 +76,11 @@ def test_every_shard_is_published_in_the_datacompdr_layout(base, reinforced):
     verify_shards(out)
     r = manifest["reinforcement"]
     assert r["dims"] == [32, 16] and len(r["teachers"]) == 2 and r["image_size"] == 32 and r["num_augmentations"] == 3
+    assert r["params"]["ops"] == config().reinforce.ops
+    pool = {OP_NAMES.index(name) for name in config().reinforce.ops}  # the configured pool, as table indices
     for raw in iter_raw_samples(shard_paths(out)):
         rf = decode_reinforcement(raw)
+        assert {k for entry in rf.param_aug for k, _ in AugParams.from_json(entry).ops} <= pool
         assert rf.image_emb.shape == (3, 48) and rf.syn_text_emb.shape == (2, 48) and len(rf.syn_texts) == 2
         assert all("." not in t for t in rf.syn_texts)
         assert {"png", "txt", "json", "paug.json", "syn.json", "npz"} <= set(raw)

@@ -13,6 +13,10 @@ augmentation-space order) and ``magnitude`` is the signed value handed to the op
 ops, 0.0 for ops without one; translations are in pixels of the resolution the op ran at. The second element is
 ``null`` when RandAugment was skipped.
 
+RandAugment draws each op uniformly from an op pool: torchvision's whole table at one magnitude (``ops=None`` or
+``"all"``: MobileCLIP's RandAugment) or the ops the ``reinforce.ops`` parameter names, each at its own magnitude bin.
+Either way the stored index is the op's index in :data:`OP_NAMES`, so replay does not need to know the pool.
+
 Sampling draws from an explicit ``torch.Generator`` in the same order as torchvision's ``RandomResizedCrop`` followed
 by ``RandAugment`` draw from the global RNG, so the global RNG is never touched and a generator seeded like the global
 RNG reproduces torchvision's pipeline exactly.
@@ -23,7 +27,7 @@ import hashlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -31,10 +35,12 @@ from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import RandAugment, _apply_op
 
 from lightclip_core.data.transforms import _INTERPOLATION, to_rgb
+from lightclip_core.infra.augment_params import RANDAUGMENT_OPS
 
-OP_NAMES: list[str] = ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
-                       "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"]
+OP_NAMES: list[str] = list(RANDAUGMENT_OPS)
 _TRANSLATE_OPS = frozenset({OP_NAMES.index("TranslateX"), OP_NAMES.index("TranslateY")})
+# The ops that move pixels (what they do to an image they do to its masks); the others change pixel values only.
+GEOMETRIC_OPS = frozenset(OP_NAMES.index(n) for n in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"))
 
 if list(RandAugment()._augmentation_space(31, (64, 64))) != OP_NAMES:  # the stored op indices depend on this order
     raise ImportError("torchvision's RandAugment op order differs from DataCompDR's OP_NAMES")
@@ -130,11 +136,34 @@ def sample_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _op_bins(ops: Mapping[str, int] | Sequence[str] | None, magnitude: int, num_bins: int) -> dict[str, int]:
+    """{op name: magnitude bin} of a pool given as None (every op), a list of names or a mapping."""
+    if isinstance(ops, str) and ops != "all":
+        raise ValueError(f"ops must be None, 'all', a list of op names or a mapping, got {ops!r}")
+    bins = dict.fromkeys(OP_NAMES if ops is None or ops == "all" else ops, magnitude)
+    bins.update(ops if isinstance(ops, Mapping) else {})
+    unknown = sorted(set(bins) - set(OP_NAMES))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; known: {OP_NAMES}")
+    if not bins:
+        raise ValueError("ops is empty: name at least one op (num_ops=0 skips RandAugment)")
+    for name, bin_ in bins.items():
+        if not _is_int(bin_) or not 0 <= bin_ < num_bins:
+            raise ValueError(f"magnitude bin of {name} must be an int in [0, {num_bins}), got {bin_!r}")
+    return bins
+
+
 class ReplayableAugment:
-    """RandomResizedCrop + RandAugment whose random draws come from a generator and are returned as AugParams."""
+    """RandomResizedCrop + RandAugment whose random draws come from a generator and are returned as AugParams.
+
+    ``ops`` is the pool RandAugment draws from: None (or ``"all"``) is torchvision's whole table at ``magnitude``
+    (torchvision's RandAugment, draw for draw), a list of op names takes each at ``magnitude``, a mapping
+    {op name: magnitude bin} gives each op its own bin. Ops are drawn uniformly from the pool.
+    """
 
     def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31, interpolation: str = "bilinear"):
+                 num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31, interpolation: str = "bilinear",
+                 ops: Mapping[str, int] | Sequence[str] | None = None):
         if interpolation not in _INTERPOLATION:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
         if not 0 <= magnitude < num_magnitude_bins:
@@ -142,16 +171,18 @@ class ReplayableAugment:
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.num_ops, self.magnitude, self.num_magnitude_bins = num_ops, magnitude, num_magnitude_bins
         self.interpolation = _INTERPOLATION[interpolation]
+        self.op_bins = _op_bins(ops, magnitude, num_magnitude_bins)
         space = RandAugment()._augmentation_space(num_magnitude_bins, (size, size))
-        self._magnitudes = [(float(m[magnitude].item()) if m.ndim > 0 else 0.0, signed) for m, signed in space.values()]
+        # (op index, magnitude, signed) in table order, whatever order the pool was given in
+        self._pool = [(index, float(m[self.op_bins[name]].item()) if m.ndim > 0 else 0.0, signed)
+                      for index, (name, (m, signed)) in enumerate(space.items()) if name in self.op_bins]
 
     def sample(self, image: Image.Image, generator: torch.Generator) -> AugParams:
         """Draw a crop box (original pixels) and ``num_ops`` ops (magnitudes for the size x size output)."""
         box = sample_box(image.width, image.height, self.scale, self.ratio, generator)
         ops = []
         for _ in range(self.num_ops):
-            index = _randint(len(OP_NAMES), generator)
-            value, signed = self._magnitudes[index]
+            index, value, signed = self._pool[_randint(len(self._pool), generator)]
             if signed and _randint(2, generator):
                 value = -value
             ops.append((index, value))
@@ -160,13 +191,25 @@ class ReplayableAugment:
     def apply(self, image: Image.Image, params: AugParams, size: int | None = None,
               reference_size: int | None = None) -> Image.Image:
         """Replay ``params``; translations are rescaled by size/reference_size when both are given."""
+        return self._replay(to_rgb(image), params, size, reference_size, geometric_only=False)
+
+    def apply_geometry(self, mask: Image.Image, params: AugParams, size: int | None = None,
+                       reference_size: int | None = None) -> Image.Image:
+        """Replay only what moves pixels (the crop and :data:`GEOMETRIC_OPS`) on a one-channel image such as an
+        object's mask, so that it stays aligned with ``apply``'s view; pixels moved in from outside are 0."""
+        return self._replay(mask, params, size, reference_size, geometric_only=True)
+
+    def _replay(self, image: Image.Image, params: AugParams, size: int | None, reference_size: int | None,
+                geometric_only: bool) -> Image.Image:
         size = self.size if size is None else size
         i, j, h, w = params.box
         if i + h > image.height or j + w > image.width:
             raise ValueError(f"crop box {params.box} does not fit a {image.width}x{image.height} image")
-        out = F.resized_crop(to_rgb(image), i, j, h, w, [size, size], self.interpolation, antialias=True)
+        out = F.resized_crop(image, i, j, h, w, [size, size], self.interpolation, antialias=True)
         factor = size / reference_size if reference_size is not None and reference_size != size else 1.0
         for index, value in params.ops or ():
+            if geometric_only and index not in GEOMETRIC_OPS:
+                continue
             value = value * factor if index in _TRANSLATE_OPS else value
             out = _apply_op(out, OP_NAMES[index], value, interpolation=self.interpolation, fill=None)
         return out

@@ -190,7 +190,8 @@ def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
             (cx - r, cy - a), (cx - a, cy - a)]
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+               fill: int | tuple[int, ...]) -> None:
     """Draw `shape` centred on (cx, cy) within a box of half-side r (no anti-aliasing: one flat colour)."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -209,16 +210,44 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render_image(attrs: Attributes, size: int, rng: np.random.Generator) -> Image.Image:
+@dataclass(frozen=True)
+class ShapeGeometry:
+    """Where a sample's shape is drawn, in pixels: centre, half-side of its box, and its flat fill colour."""
+
+    shape: str
+    cx: float
+    cy: float
+    r: float
+    fill: tuple[int, int, int]
+
+
+def _layout(attrs: Attributes, size: int, rng: np.random.Generator) -> tuple[np.ndarray, ShapeGeometry]:
+    """The background pixels and the shape's geometry: every random draw of a sample's image, in their order."""
     shape_rgb = _shape_rgb(attrs.colour, rng)
-    image = Image.fromarray(_background(size, shape_rgb, rng))
+    background = _background(size, shape_rgb, rng)
     ax, ay = POSITION_ANCHORS[attrs.position]
     jx, jy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, 2)
     radius = rng.uniform(*RADIUS_RANGE[attrs.size])
     side = size - 1
     fill = tuple(int(v) for v in shape_rgb)
-    draw_shape(ImageDraw.Draw(image), attrs.shape, (ax + jx) * side, (ay + jy) * side, radius * side, fill)
+    return background, ShapeGeometry(attrs.shape, (ax + jx) * side, (ay + jy) * side, radius * side, fill)
+
+
+def _paint(image: Image.Image, g: ShapeGeometry, fill: int | tuple[int, ...]) -> Image.Image:
+    draw_shape(ImageDraw.Draw(image), g.shape, g.cx, g.cy, g.r, fill)
     return image
+
+
+def render_image(attrs: Attributes, size: int, rng: np.random.Generator) -> Image.Image:
+    background, g = _layout(attrs, size, rng)
+    return _paint(Image.fromarray(background), g, g.fill)
+
+
+def render_image_and_mask(attrs: Attributes, size: int, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """The sample's image (the same draws and pixels as :func:`render_image`) and its shape's mask drawn with the same
+    geometry: mode L, 255 where the shape's flat colour was drawn, 0 elsewhere."""
+    background, g = _layout(attrs, size, rng)
+    return _paint(Image.fromarray(background), g, g.fill), _paint(Image.new("L", (size, size), 0), g, 255)
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:
