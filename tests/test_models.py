@@ -115,3 +115,25 @@ def test_mct_wraps_the_transformer_in_two_repmixer_blocks_and_initialises_its_pr
     assert text.mixer_in.token_mixer.kernel_size == (1, TINY.text.mixer_kernel)
     std = text.text_projection.std().item()  # CLIP's width ** -0.5, never left uninitialised
     assert abs(std - TINY.text.width ** -0.5) < 0.2 * TINY.text.width ** -0.5
+
+
+def test_output_stride_dilates_the_last_stages_and_the_registered_variant_is_the_same_network():
+    """model.image.output_stride=16: a 64 px image ends in a 4 x 4 map (2 x 2 at the tower's own stride 32) with
+    the same parameters; `<tower>_os16` (what open_clip's timm tower is built from) is that network."""
+    import timm
+
+    from lightclip_core.models.image_tower import ImageTower
+    from lightclip_core.models.timm_variants import dilated_name, ensure_registered
+
+    own, dilated = ImageTower("mobilenetv2_050", 16), ImageTower("mobilenetv2_050", 16, output_stride=16)
+    x = torch.randn(2, 3, 64, 64)
+    assert own.feature_map(x).shape[1] == 4 and dilated.feature_map(x).shape[1] == 16
+    assert [p.shape for p in own.parameters()] == [p.shape for p in dilated.parameters()]
+    name = dilated_name("mobilenetv2_050", 16)
+    assert name == "mobilenetv2_050_os16" and dilated_name("mobilenetv2_050", None) == "mobilenetv2_050"
+    variant = timm.create_model(name, num_classes=0, global_pool="")
+    variant.load_state_dict(dilated.trunk.state_dict())
+    with torch.no_grad():
+        dilated.eval(), variant.eval()
+        torch.testing.assert_close(variant.forward_features(x), dilated.trunk.forward_features(x))
+    assert not ensure_registered("mobilenetv2_050_os4") and not ensure_registered("no_such_tower_os16")

@@ -131,6 +131,31 @@ def test_warmup_then_cosine_to_zero():
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_constant_schedule_holds_the_rate_after_the_warmup():
+    assert [warmup_cosine(s, 10, 100, "constant") for s in (0, 9, 10, 55, 99)] == pytest.approx(
+        [0.1, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_image_lr_gives_the_image_tower_its_own_rate_and_the_scheduler_scales_every_group():
+    """Every trainable parameter in exactly one group; `visual.*` at train.image_lr, the rest (text tower,
+    temperature, objectives) at train.lr; decay only where it was before; a scheduler step scales both rates."""
+    cfg = Config.model_validate({**TINY, "train": {**TINY["train"], "lr": 1e-3, "image_lr": 4e-3}})
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_id) == sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
+    skip = model.no_weight_decay()
+    for name, p in named.items():
+        group = by_id[id(p)]
+        assert group["lr"] == (4e-3 if name.startswith("visual.") else 1e-3), name
+        assert group["weight_decay"] == (0.0 if name in skip else cfg.train.weight_decay), name
+    scheduler = build_scheduler(optimizer, 4, 100)
+    assert sorted(scheduler.get_last_lr()) == pytest.approx([0.25e-3, 0.25e-3, 1e-3, 1e-3])
+    default = build_optimizer(model, Config.model_validate(TINY))
+    assert {g["lr"] for g in default.param_groups} == {Config.model_validate(TINY).train.lr}
+
+
 def test_plan_rejects_a_batch_larger_than_the_split():
     cfg = Config.model_validate({**TINY, "train": {**TINY["train"], "batch_size": 512, "max_steps": None}})
     with pytest.raises(ValueError, match="batch_size=512"):

@@ -20,7 +20,8 @@ class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, pretrained_image: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.visual = ImageTower(cfg.image.tower, cfg.embed_dim, pretrained=pretrained_image)
+        self.visual = ImageTower(cfg.image.tower, cfg.embed_dim, pretrained=pretrained_image,
+                                 output_stride=cfg.image.output_stride)
         self.text = build_text_tower(cfg.text, cfg.embed_dim, vocab_size(), special_token_ids()["eot"])
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.max_logit_scale = float(cfg.max_logit_scale)

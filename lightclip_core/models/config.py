@@ -38,6 +38,9 @@ class TextConfig(Section):
 class ImageConfig(Section):
     tower: str = Field("mobilenetv2_100", description="any timm model name")
     size: int = Field(64, ge=16, le=1024)
+    output_stride: Literal[8, 16, 32] | None = Field(
+        None, description="the tower's total stride (timm's output_stride: the last stages dilated instead of "
+                          "strided, a finer last map for small images); null: the tower's own (32)")
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"

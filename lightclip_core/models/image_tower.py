@@ -11,14 +11,16 @@ class ImageTower(nn.Module):
 
     `forward` returns the L2-unnormalised embedding; `forward_tokens` also returns the last feature map flattened
     to tokens `[B, H*W, C]`; `forward_maps` returns the embedding and the stage maps `[B, C, H, W]` at the asked
-    strides (timm's `feature_info`), for the training-only token and fusion objectives. `pretrained=True` loads timm's weights where they are on
-    disk or reachable; the embedded default always trains from scratch.
+    strides (timm's `feature_info`), for the training-only token and fusion objectives. `pretrained=True` loads
+    timm's weights where they are on disk or reachable; the embedded default always trains from scratch.
+    `output_stride` (16 or 8) dilates the last stages instead of striding them (timm's `output_stride`).
     """
 
-    def __init__(self, name: str, embed_dim: int, pretrained: bool = False):
+    def __init__(self, name: str, embed_dim: int, pretrained: bool = False, output_stride: int | None = None):
         super().__init__()
         self.name = name
-        self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+        extra = {} if output_stride is None else {"output_stride": output_stride}
+        self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **extra)
         self.num_features = self.trunk.num_features
         self.proj = nn.Linear(self.num_features, embed_dim)
 

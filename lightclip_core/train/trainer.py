@@ -93,16 +93,19 @@ def seed_everything(seed: int | str, deterministic: bool) -> None:
 
 def build_optimizer(model: nn.Module, cfg: Config, objectives: nn.Module | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases, norms, embeddings or the temperature), over the
-    model and the objectives' own parameters."""
+    model and the objectives' own parameters; the image tower (`visual.*`) at `train.image_lr` when set."""
     t = cfg.train
     skip = model.no_weight_decay()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if objectives is not None:
         named += [(f"objectives.{n}", p) for n, p in objectives.named_parameters() if p.requires_grad]
         skip = skip | {f"objectives.{n}" for n, p in objectives.named_parameters() if p.ndim < 2}
-    decay = [p for n, p in named if n not in skip]
-    no_decay = [p for n, p in named if n in skip]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for tower_lr, in_tower in ((t.image_lr or t.lr, True), (t.lr, False)):
+        for decay in (True, False):
+            params = [p for n, p in named if n.startswith("visual.") == in_tower and (n not in skip) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": tower_lr})
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
@@ -253,7 +256,7 @@ class _Trainer:
         loss_module = TrainingLoss(model, objectives)
         optimizer = build_optimizer(model, cfg, objectives)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps)
+        scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
         loader, stream = make_loader(cfg, self.train_dir, world.rank, world.world_size,
                                      pin_memory=device.type == "cuda")
         fingerprint = train_fingerprint(cfg, manifest, world.world_size)
@@ -330,7 +333,7 @@ class _Trainer:
                     step += 1
 
                     now = time.perf_counter()
-                    row = {"step": step, "epoch": epoch, "loss": sums.pop("loss"), "lr": scheduler.get_last_lr()[0],
+                    row = {"step": step, "epoch": epoch, "loss": sums.pop("loss"), "lr": scheduler.get_last_lr()[-1],
                            "logit_scale": outputs["logit_scale"].item(), "samples_per_s": t.batch_size / (now - tick),
                            "samples_seen": step * t.batch_size, **sums}
                     tick = now

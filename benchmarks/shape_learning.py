@@ -1,0 +1,198 @@
+"""What keeps the CLIP student from learning shape on the embedded default (issue #15, item 4), one suspect at a time.
+
+Two kinds of arm, all on the embedded default's prepared training split (plain images, no stored views), all scored
+on the validation split (choices are made there; the test split stays the benchmark):
+
+- `probe`: the student's image tower (timm, same preset) with a linear head, trained supervised on the shape label
+  (cross-entropy, AdamW, warm-up then constant): the tower's capacity to learn shape at 64 px in this many steps;
+- CLIP arms: the product's own train -> export -> evaluate with `params.yaml`, CLIP's loss only (no soft targets,
+  token, MLM or distillation), plus each arm's overrides: one suspect changed against `clip`.
+
+    python benchmarks/shape_learning.py [--steps 300] [--seeds 0] [--arms probe clip image_lr ...]
+
+Finished runs are kept under `--work` (one JSON each) and skipped on a rerun; `--collect` republishes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import ensure_data  # noqa: E402
+from common import ROOT, TABLE, publish  # noqa: E402
+
+from lightclip_core.config import load_config  # noqa: E402
+from lightclip_core.data.shards import decode_image, iter_raw_samples  # noqa: E402
+from lightclip_core.data.synthetic import SHAPES  # noqa: E402
+from lightclip_core.data.transforms import image_transform  # noqa: E402
+from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
+from lightclip_core.export.exporter import export  # noqa: E402
+from lightclip_core.train.trainer import train  # noqa: E402
+
+CLIP_ONLY = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+             "objectives.mlm.enabled=false", "objectives.distill.enabled=false"]
+ARMS: dict[str, list[str]] = {  # each CLIP arm: CLIP_ONLY plus these overrides of params.yaml
+    "clip": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine"],
+    "image_lr": ["train.lr=0.001", "train.image_lr=0.003", "train.schedule=cosine"],
+    "constant_lr": ["train.lr=0.001", "train.image_lr=null", "train.schedule=constant"],
+    "image_lr_constant": ["train.lr=0.001", "train.image_lr=0.003", "train.schedule=constant"],
+    "logit_scale_50": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine",
+                       "model.init_logit_scale=3.912"],
+    "batch_256": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.batch_size=256"],
+    "os16": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "model.image.output_stride=16"],
+    "os16_image_lr": ["train.lr=0.001", "train.image_lr=0.003", "train.schedule=cosine",
+                      "model.image.output_stride=16"],
+    "os16_constant": ["train.lr=0.001", "train.image_lr=null", "train.schedule=constant",
+                      "model.image.output_stride=16"],
+}
+PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and timm keyword arguments
+    "probe": {},
+    "probe_128px": {"size": 128},
+    "probe_os16": {"kwargs": {"output_stride": 16}},
+    "probe_resnet18": {"tower": "resnet18"},
+}
+METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
+           "colour_shape": "zeroshot/colour_shape/top1", "i2t_R@1": "retrieval/image_to_text/R@1",
+           "t2i_R@1": "retrieval/text_to_image/R@1"}
+PROBE_LR = 3e-3
+PROBE_WARMUP = 30
+
+
+def base_config(extra: list[str]):
+    return load_config(ROOT / "params.yaml", [*CLIP_ONLY, "tracking.enabled=false", "export.onnx=false", *extra])
+
+
+def clip_run(arm: str, seed: int, steps: int, data: Path, out: Path) -> dict[str, float]:
+    cfg = base_config([*ARMS[arm], f"train.seed={seed}", f"train.max_steps={steps}"])
+    result = train(cfg, data / "train", out / "train")
+    exported = export(cfg, result.final_checkpoint, out / "export")
+    metrics = evaluate(cfg, exported.out_dir, data / "val", out / "eval", train_log=result.train_log).metrics
+    row = {key: metrics[source] for key, source in METRICS.items()}
+    row["wall_time_s"] = result.metrics["wall_time_s"]
+    return row
+
+
+def load_split(path: Path, cfg, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a prepared split, preprocessed as evaluation does (at `size`), and its shape label."""
+    m = cfg.model
+    transform = image_transform(size, m.image.mean, m.image.std, m.image.interpolation)
+    images, labels = [], []
+    for raw in iter_raw_samples(sorted(str(p) for p in path.glob("*.tar"))):
+        images.append(transform(decode_image(raw)))
+        labels.append(SHAPES.index(json.loads(raw["json"])["shape"]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def probe_run(arm: str, seed: int, steps: int, data: Path, batch: int) -> dict[str, float]:
+    """A tower trained supervised on shape: its validation accuracy after `steps` steps."""
+    import timm
+
+    cfg = base_config([])
+    spec = PROBES[arm]
+    size = spec.get("size", cfg.model.image.size)
+    torch.manual_seed(seed)
+    x_train, y_train = load_split(data / "train", cfg, size)
+    x_val, y_val = load_split(data / "val", cfg, size)
+    net = timm.create_model(spec.get("tower", cfg.model.image.tower), pretrained=False, num_classes=len(SHAPES),
+                            **spec.get("kwargs", {}))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=PROBE_LR, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / PROBE_WARMUP))
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    net.train()
+    for step in range(steps):
+        idx = order[(torch.arange(batch) + step * batch) % len(order)]
+        loss = torch.nn.functional.cross_entropy(net(x_train[idx]), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    wall = time.perf_counter() - start
+    net.eval()
+    with torch.inference_mode():
+        correct = sum(int((net(x_val[i:i + 256]).argmax(1) == y_val[i:i + 256]).sum())
+                      for i in range(0, len(y_val), 256))
+    return {"shape": correct / len(y_val), "wall_time_s": wall}
+
+
+def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    table = {}
+    for arm, rows in runs.items():
+        entry: dict[str, float] = {"seeds": len(rows)}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            entry[f"{key}_mean"] = statistics.fmean(values)
+            entry[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table[arm] = entry
+    return table
+
+
+def write_section(table: dict[str, dict[str, float]], args) -> None:
+    title = "## What keeps CLIP from learning shape (benchmarks/shape_learning.py)"
+    lines = [title, "",
+             f"Embedded default's training split, {args.steps} steps, batch {base_config([]).train.batch_size}, seeds "
+             f"{', '.join(map(str, args.seeds))}; validation split; top-1 and R@1 in % (mean ± sd over seeds). "
+             f"`probe`: the image tower trained supervised on shape (lr {PROBE_LR}, batch {args.probe_batch}). "
+             "CLIP arms: CLIP's loss only, one suspect changed against `clip` (overrides in the script's ARMS).", "",
+             "| arm | seeds | colour | shape | colour+shape | i2t R@1 | t2i R@1 | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for arm, e in table.items():
+        cells = [f"{100 * e[f'{k}_mean']:.1f} ± {100 * e[f'{k}_sd']:.1f}" if f"{k}_mean" in e else "-"
+                 for k in METRICS]
+        lines.append(f"| {arm} | {e['seeds']} | " + " | ".join(cells) + f" | {e['wall_time_s_mean']:.0f} |")
+    section = "\n".join(lines) + "\n"
+    text = TABLE.read_text()
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    TABLE.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", default=[*PROBES, *ARMS], choices=[*PROBES, *ARMS])
+    parser.add_argument("--probe-batch", type=int, default=128)
+    parser.add_argument("--collect", action="store_true", help="publish the finished runs without training more")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "shape-learning-runs")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = ensure_data(args.work)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for seed in args.seeds:
+        for arm in args.arms:
+            done = args.work / f"{arm}-seed{seed}-steps{args.steps}.json"
+            if not done.exists() and not args.collect:
+                with tempfile.TemporaryDirectory() as tmp:
+                    row = (probe_run(arm, seed, args.steps, data, args.probe_batch) if arm in PROBES
+                           else clip_run(arm, seed, args.steps, data, Path(tmp)))
+                done.write_text(json.dumps(row) + "\n")
+                print(f"{arm} seed {seed}: {json.dumps(row)}", flush=True)
+            if done.exists():
+                runs.setdefault(arm, []).append(json.loads(done.read_text()))
+    table = summarise(runs)
+    write_section(table, args)
+    clip_shape = table.get("clip", {}).get("shape_mean", float("nan"))
+    best = max((a for a in table if a not in PROBES), key=lambda a: table[a]["colour_shape_mean"], default="clip")
+    publish("shape_learning", {"steps": args.steps, "seeds": args.seeds, "table": table},
+            measured=f"best CLIP arm {best}: shape {100 * table[best]['shape_mean']:.1f}%, colour+shape "
+                     f"{100 * table[best]['colour_shape_mean']:.1f}%; supervised probe shape "
+                     f"{100 * table.get('probe', {}).get('shape_mean', float('nan')):.1f}%",
+            reference=f"CLIP at lr 1e-3 cosine: shape {100 * clip_shape:.1f}%",
+            ratio=table[best]["shape_mean"] / clip_shape if clip_shape == clip_shape else float("nan"),
+            command=f"python benchmarks/shape_learning.py --steps {args.steps} --seeds "
+                    f"{' '.join(map(str, args.seeds))}")
+
+
+if __name__ == "__main__":
+    main()
