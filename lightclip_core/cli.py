@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def cmd_teacher(cfg: Config, args: argparse.Namespace) -> Any:
-    return stages.run_teacher(cfg=cfg, data=args.data, out=args.out)
+    return stages.run_teacher(cfg=cfg, data=args.data, out=args.out, val=args.val)
 
 
 def cmd_reinforce(cfg: Config, args: argparse.Namespace) -> Any:
@@ -91,6 +92,15 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], Any], str]] = {
 }
 
 
+def write_stage_metrics(path: str, summary: dict, wall_time_s: float) -> None:
+    """The summary's numbers (nested keys slash-joined) and the stage's wall time, written atomically."""
+    from lightclip_core.infra.storage import write_json_atomic
+    from lightclip_core.stages.io import flat_numbers
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(path), {**flat_numbers(summary), "wall_time_s": round(wall_time_s, 3)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=5e-4 (repeatable)")
-    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
+    common.add_argument("--metrics", default=None, metavar="PATH",
+                        help="also write the summary's numbers and the stage's wall time (wall_time_s) to this JSON "
+                             "file: the DVC metrics file committed to git (dvc.yaml: cache: false)")
     parsers = {name: sub.add_parser(name, parents=[common], help=help_) for name, (_, help_) in COMMANDS.items()}
     parsers["prepare"].add_argument("--out", default="artifacts/data")
     parsers["teacher"].add_argument("--data", default="artifacts/data/train")
+    parsers["teacher"].add_argument("--val", default=None, help="the validation split the teachers' quality is "
+                                                                "measured on (default: `val` next to --data)")
     parsers["teacher"].add_argument("--out", default="artifacts/teacher")
     parsers["reinforce"].add_argument("--data", default="artifacts/data/train")
     parsers["reinforce"].add_argument("--teacher", default="artifacts/teacher",
@@ -171,8 +186,11 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         cfg = load_config(args.params, args.overrides)
+        started = time.perf_counter()
         result = command(cfg, args)
         summary = result if isinstance(result, dict) else result.summary()
+        if getattr(args, "metrics", None):
+            write_stage_metrics(args.metrics, summary, time.perf_counter() - started)
     except (ConfigError, TeacherLoadError) as err:  # bad parameters, paths or teachers: one line, nothing done
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

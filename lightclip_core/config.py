@@ -15,12 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lightclip_core.infra.augment_params import CAPTION_SAFE_OPS, OpPool, OrderedRange
 from lightclip_core.infra.schema import ConfigError, Section, merge
 from lightclip_core.models.config import ImageConfig, ModelConfig, TextConfig
+from lightclip_core.teacher_config import CocaTeacherConfig, QualityGateConfig, TeacherConfig, TeacherSpec
 
 __all__ = ["CocaTeacherConfig", "Config", "ConfigError", "ContrastiveObjectiveConfig", "DEFAULT_TEMPLATES",
            "DataConfig", "DistillObjectiveConfig", "EvaluateConfig", "ExportConfig", "FusionPoint", "ImageConfig",
-           "IngestData", "MLMObjectiveConfig", "ModelConfig", "ObjectivesConfig", "RegistryConfig",
+           "IngestData", "MLMObjectiveConfig", "ModelConfig", "ObjectivesConfig", "QualityGateConfig", "RegistryConfig",
            "ReinforceConfig", "SyntheticData", "TeacherConfig", "TeacherSpec", "TextConfig", "TokenObjectiveConfig",
            "TrackingConfig", "TrainConfig", "flatten", "load_config", "parse_overrides", "validate"]
 
@@ -86,6 +88,11 @@ class TrainConfig(Section):
                                 "per seed and epoch); null: an epoch is one pass over the split")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(1e-3, gt=0, le=1.0)
+    image_lr: float | None = Field(
+        None, gt=0, le=1.0, description="the image tower's learning rate (a CNN tolerates more than the text "
+                                        "transformer); null: train.lr")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the linear warm-up: cosine decay to zero, or constant")
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)
@@ -201,96 +208,25 @@ class ObjectivesConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- teacher, reinforce
-class TeacherSpec(Section):
-    """One open_clip model, loaded through open_clip's own factory."""
-
-    model: str = Field(min_length=1, description="open_clip model name (ViT-L-14, coca_ViT-B-32), or "
-                                                 "local-dir:PATH (open_clip_config.json + weights)")
-    pretrained: str | None = Field(None, description="pretrained tag, or checkpoint path or s3:// URI")
-    logit_scale: float | None = Field(None, gt=0, description="fixed distillation scale s_k; null: the model's own")
-
-
-class CocaTeacherConfig(Section):
-    """A teacher the `teacher` stage trains on the training split, since no weights can be downloaded: open_clip's
-    CoCa with a small config (contrastive plus captioning loss; also the captioner), or open_clip's CLIP with a timm
-    image tower (contrastive loss; a second, different teacher)."""
-
-    kind: Literal["coca", "clip"] = "coca"
-    tower: str | None = Field(None, description="clip: the timm image tower (e.g. resnet18); coca: a ViT, unset")
-    embed_dim: int = Field(192, ge=8)
-    image_size: int = Field(64, ge=16)
-    patch_size: int = Field(8, ge=2)
-    vision_width: int = Field(192, ge=16)
-    vision_layers: int = Field(4, ge=1)
-    vision_heads: int = Field(3, ge=1)
-    text_width: int = Field(192, ge=16)
-    text_layers: int = Field(3, ge=1)
-    text_heads: int = Field(3, ge=1)
-    decoder_layers: int = Field(1, ge=1, description="multimodal (captioning) decoder layers")
-    context_length: int = Field(20, ge=8, le=77)
-    steps: int = Field(250, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(25, ge=0)
-    clip_loss_weight: float = Field(1.0, ge=0)
-    caption_loss_weight: float = Field(1.0, ge=0)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _geometry(self) -> CocaTeacherConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
-        if self.kind == "clip" and not self.tower:
-            raise ValueError("kind=clip needs a timm image tower (tower: resnet18, ...)")
-        if self.kind == "coca" and self.tower:
-            raise ValueError(f"tower={self.tower!r}: a CoCa teacher has a ViT image tower (set by the vision_* fields)")
-        if self.kind == "coca" and self.text_width != self.embed_dim:  # CoCa's decoder: one width for text and image
-            raise ValueError(f"text_width={self.text_width} must equal embed_dim={self.embed_dim} (CoCa's decoder "
-                             f"reads text tokens and pooled image tokens at one width)")
-        for side in ("vision", "text"):
-            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
-            if width % heads:
-                raise ValueError(f"{side}_heads={heads} does not divide {side}_width={width}")
-        return self
-
-
-class TeacherConfig(Section):
-    train: CocaTeacherConfig = CocaTeacherConfig()
-    second: CocaTeacherConfig | None = Field(
-        default_factory=lambda: CocaTeacherConfig(kind="clip", tower="resnet18", embed_dim=256, text_width=256,
-                                                  text_layers=4, text_heads=4, context_length=32, steps=300,
-                                                  batch_size=128, warmup_steps=25),
-        description="a second, different trained teacher in the ensemble; null: none")
-    ensemble: list[TeacherSpec] = Field(
-        default_factory=list, description="the teachers whose embeddings are stored; empty: the trained teacher")
-    captioner: TeacherSpec | None = Field(None, description="an open_clip CoCa model; null: the trained teacher")
-
-
 class ReinforceConfig(Section):
     """Dataset reinforcement (METHOD.md 2.1): augmentations, synthetic captions and teacher embeddings, once."""
 
-    num_augmentations: int = Field(5, ge=1, le=100)
-    num_captions: int = Field(2, ge=1, le=20, description="synthetic captions per image")
+    num_augmentations: int = Field(2, ge=1, le=100)
+    num_captions: int = Field(1, ge=1, le=20, description="synthetic captions per image")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
     max_caption_tokens: int = Field(20, ge=2, le=76, description="generated tokens before the cut at the first period")
     image_size: int | None = Field(None, ge=16, description="size the augmentations are sampled at; null: the first "
                                                             "teacher's input size")
-    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="RandomResizedCrop area fraction range")
-    crop_ratio: tuple[float, float] = Field((0.75, 1.3333), description="RandomResizedCrop aspect ratio range")
-    rand_augment_ops: int = Field(2, ge=0, le=4)
-    rand_augment_magnitude: int = Field(9, ge=0, le=30)
+    crop_scale: OrderedRange = Field((0.75, 1.0), description="RandomResizedCrop area fraction range")
+    crop_ratio: OrderedRange = Field((0.9, 1.1111), description="RandomResizedCrop aspect ratio range")
+    rand_augment_ops: int = Field(2, ge=0, le=4, description="RandAugment ops per view, drawn from `ops`")
+    rand_augment_magnitude: int = Field(9, ge=0, le=30, description="the magnitude bin of `ops: all`")
+    ops: OpPool = Field(default_factory=lambda: dict(CAPTION_SAFE_OPS), description="RandAugment's op pool: all ("
+                        "torchvision's 14 ops at rand_augment_magnitude, MobileCLIP) or {op name: magnitude bin}")
     batch_size: int = Field(256, ge=1, description="teacher batch (inference mode)")
     embedding_dtype: Literal["float16", "float32"] = "float16"
     seed: int = Field(0, ge=0)
-
-    @field_validator("crop_scale", "crop_ratio")
-    @classmethod
-    def _ordered_range(cls, r: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < r[0] <= r[1]:
-            raise ValueError(f"expected 0 < low <= high, got {list(r)}")
-        return r
 
 
 # ------------------------------------------------------------------------------------------------- export

@@ -1,6 +1,7 @@
 """params.yaml validation: every bad value stops the command with one line naming the field, exit code 2."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from lightclip_core.cli import main
-from lightclip_core.config import Config, ConfigError, load_config
+from lightclip_core.config import Config, ConfigError, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,12 @@ BAD_INPUTS = [
     ("tracking.flush_timeout_s=-1", "tracking.flush_timeout_s"),
     ("registry.margin=-0.1", "registry.margin"),
     ("registry.model_name=a/b", "registry.model_name"),
+    ("reinforce.ops={Rotat: 3}", "reinforce.ops: unknown op 'Rotat'; allowed: `all`, or a mapping"),
+    ("reinforce.ops={Rotate: 31}", "reinforce.ops: op Rotate: magnitude bin 31 is not an int in [0, 30]"),
+    ("reinforce.ops={Rotate: 2.5}", "magnitude bin 2.5"),
+    ("reinforce.ops=[Rotate, Color]", "reinforce.ops=['Rotate', 'Color']: expected `all`, or a mapping"),
+    ("reinforce.ops=some", "Solarize, AutoContrast, Equalize"),
+    ("reinforce.crop_scale=[0.9, 0.5]", "reinforce.crop_scale=[0.9, 0.5]: expected 0 < low <= high"),
 ]
 
 
@@ -70,6 +77,21 @@ def test_bad_value_gives_one_line_naming_the_field(override, fragment):
     message = str(info.value)
     assert "\n" not in message
     assert fragment in message
+
+
+def test_reinforce_ops_take_all_or_a_pool_kept_in_table_order():
+    assert load_config(ROOT / "params.yaml", ["reinforce.ops=all"]).reinforce.ops == "all"
+    cfg = validate({"reinforce": {"ops": {"Sharpness": 9, "Rotate": 3}}})
+    assert list(cfg.reinforce.ops.items()) == [("Rotate", 3), ("Sharpness", 9)]  # torchvision's order, not the file's
+    assert cfg.flat()["reinforce.ops.Rotate"] == 3
+    same = validate({"reinforce": {"ops": {"Rotate": 3, "Sharpness": 9}}})
+    assert same == cfg and same.model_dump_json() == cfg.model_dump_json()
+    with pytest.raises(ConfigError, match=r"^reinforce.ops: expected .*at least one op"):
+        validate({"reinforce": {"ops": {}}})
+    # an override merges into params.yaml's pool like any section: one op's bin changes, the others stay
+    default = load_config(ROOT / "params.yaml").reinforce.ops
+    tuned = load_config(ROOT / "params.yaml", ["reinforce.ops.Rotate=2"]).reinforce.ops
+    assert tuned == {**default, "Rotate": 2}
 
 
 def test_missing_ingest_path_is_reported(tmp_path):
@@ -117,3 +139,19 @@ def test_console_script_reports_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "train.lr='abc'" in result.stderr
+
+
+def test_cli_metrics_file_has_the_summary_numbers_and_the_stage_wall_time(tmp_path, capsys):
+    """`--metrics` (DVC's committed metrics files): the numbers of the printed summary, nested keys slash-joined,
+    no strings or booleans, plus the stage's wall time."""
+    metrics = tmp_path / "metrics" / "prepare.json"
+    code = main(["prepare", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "data"), "--metrics",
+                 str(metrics), "--set", "data.synthetic.num_train=20", "--set", "data.synthetic.num_val=4",
+                 "--set", "data.synthetic.num_test=4", "--set", "tracking.enabled=false"])
+    summary = json.loads(capsys.readouterr().out)
+    written = json.loads(metrics.read_text())
+    assert code == 0 and summary["counts"] == {"train": 20, "val": 4, "test": 4}
+    assert {k: v for k, v in written.items() if k != "wall_time_s"} == {
+        "counts/train": 20.0, "counts/val": 4.0, "counts/test": 4.0,
+        **{f"skipped/{k}": float(v) for k, v in summary["skipped"].items()}}
+    assert 0 < written["wall_time_s"] < 60  # measured in ms

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Callable
 
 import open_clip
 import torch
@@ -18,8 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightclip_core.config import TeacherSpec
-from lightclip_core.reinforce.teachers import TeacherLoadError, describe_spec, eval_transform, load_model, \
-    load_tokenizer
+from lightclip_core.data.transforms import image_transform
+from lightclip_core.models.tokenizer import get_tokenizer
+from lightclip_core.reinforce.caption_decoder import TowerCaptioner, is_captioner_dir, load_captioner
+from lightclip_core.reinforce.teachers import LOCAL_DIR, TeacherLoadError, describe_spec, eval_transform, \
+    load_model, load_tokenizer, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +88,17 @@ def sample_next(logits: torch.Tensor, top_p: float, temperature: float, generato
     return picked.squeeze(1).to(logits.device)
 
 
-def sample_sequences(model: nn.Module, image_latent: torch.Tensor, image_embs: torch.Tensor, sot: int, eot: int,
-                     max_tokens: int, top_p: float, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def sample_sequences(next_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n: int,
+                     device: torch.device, sot: int, eot: int, max_tokens: int, top_p: float, temperature: float,
+                     generator: torch.Generator) -> torch.Tensor:
     """`[N, 1 + <= max_tokens]` token ids: start-of-text, then sampled tokens until end-of-text (rows that have
-    finished are padded with end-of-text) or `max_tokens`."""
-    n = image_latent.shape[0]
-    out = torch.full((n, 1), sot, dtype=torch.long, device=image_latent.device)
+    finished are padded with end-of-text) or `max_tokens`. `next_logits(prefixes, rows)` gives the `[len(rows),
+    vocab]` logits of the next token of those rows."""
+    out = torch.full((n, 1), sot, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=out.device)
     for _ in range(max_tokens):
         active = (~done).nonzero().squeeze(1)
-        logits = next_token_logits(model, out[active], image_latent[active], image_embs[active])
+        logits = next_logits(out[active], active)
         column = torch.full((n,), eot, dtype=torch.long, device=out.device)
         column[active] = sample_next(logits, top_p, temperature, generator)
         out = torch.cat([out, column[:, None]], dim=1)
@@ -110,11 +116,17 @@ def clean_caption(text: str) -> str:
 
 
 class Captioner:
-    """An open_clip CoCa model generating `num_captions` captions per image."""
+    """An open_clip CoCa model, or a captioning CLIP's decoder (`caption_decoder`), generating `num_captions`
+    captions per image."""
 
     def __init__(self, spec: TeacherSpec, cache_dir: str | os.PathLike, device: str | torch.device = "cpu"):
         self.spec = spec
         self.device = torch.device(device)
+        local = Path(resolve_spec(spec, cache_dir)[0].removeprefix(LOCAL_DIR))
+        self.decoder_model: TowerCaptioner | None = None
+        if spec.model.startswith(LOCAL_DIR) and is_captioner_dir(local):
+            self._load_decoder(local)
+            return
         loaded = load_model(spec, cache_dir, self.device)
         if not isinstance(loaded.model, open_clip.CoCa):
             raise TeacherLoadError(f"{describe_spec(spec)} cannot caption: it is a {type(loaded.model).__name__}, "
@@ -130,6 +142,16 @@ class Captioner:
         self.eot = int(getattr(self.tokenizer, "eot_token_id", 49407))
         # the text tower has positions for `context_length` tokens, the decoder's causal mask as many
         self.max_length = min(int(self.model.text.context_length), int(self.model.context_length))
+
+    def _load_decoder(self, directory: Path) -> None:
+        self.decoder_model, pp = load_captioner(directory, self.device)
+        self.decoder_model.requires_grad_(False)
+        self.image_size = int(pp["size"])
+        self.transform = image_transform(self.image_size, pp["mean"], pp["std"], pp["interpolation"])
+        self.max_length = self.decoder_model.decoder.context_length
+        self.tokenizer = get_tokenizer(self.max_length)
+        self.sot, self.eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        log.info("loaded the captioning decoder %s: image size %d", directory, self.image_size)
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL image as the captioner reads it (resize the short side, centre-crop, normalise)."""
@@ -149,9 +171,15 @@ class Captioner:
         steps = min(max_tokens, self.max_length - 1)
         if steps < max_tokens:
             log.debug("max_tokens=%d cut to %d (the model's context length)", max_tokens, steps)
-        latent, embs = self.model._encode_image(images.to(self.device))
-        latent = latent.repeat_interleave(num_captions, dim=0)
-        embs = embs.repeat_interleave(num_captions, dim=0)
-        tokens = sample_sequences(self.model, latent, embs, self.sot, self.eot, steps, top_p, temperature, generator)
+        n = images.shape[0] * num_captions
+        if self.decoder_model is not None:
+            memory = self.decoder_model.encode(images.to(self.device)).repeat_interleave(num_captions, dim=0)
+            step = lambda prefix, rows: self.decoder_model.next_logits(prefix, memory[rows])  # noqa: E731
+        else:
+            latent, embs = self.model._encode_image(images.to(self.device))
+            latent = latent.repeat_interleave(num_captions, dim=0)
+            embs = embs.repeat_interleave(num_captions, dim=0)
+            step = lambda prefix, rows: next_token_logits(self.model, prefix, latent[rows], embs[rows])  # noqa: E731
+        tokens = sample_sequences(step, n, self.device, self.sot, self.eot, steps, top_p, temperature, generator)
         texts = [self.decode(row) for row in tokens.cpu()]
         return [texts[i * num_captions:(i + 1) * num_captions] for i in range(images.shape[0])]

@@ -1,7 +1,9 @@
-"""The `teacher` stage: train the embedded default's own small open_clip CoCa (no weights can be downloaded).
+"""The `teacher` stage: train the embedded default's own small teachers (no weights can be downloaded).
 
-CoCa (contrastive plus captioning loss) gives both the embedding teacher and the captioner of dataset
-reinforcement. The result is published as an open_clip local-dir, `out_dir/model/` (`open_clip_config.json` and
+A teacher is open_clip's CoCa (contrastive plus captioning loss; ViT image tower), open_clip's CLIP with a timm image
+tower (contrastive loss), or that CLIP trained jointly with a small captioning decoder over its tower's last feature
+map (`captioning_clip`; the decoder is published beside it as `captioner/`). A CoCa or a captioning CLIP gives both
+the embedding teacher and the captioner of dataset reinforcement. The result is published as an open_clip local-dir, `out_dir/model/` (`open_clip_config.json` and
 `open_clip_model.safetensors`), loadable with `open_clip.create_model("local-dir:out_dir/model")`. The directory is
 built under a temporary name and renamed, so a reader never sees a half-written model.
 """
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss, CoCaLoss
 from safetensors.torch import save_file
 from torch import nn
@@ -28,10 +31,13 @@ from tqdm import tqdm
 
 from lightclip_core.config import CocaTeacherConfig
 from lightclip_core.data.prepare import swap_in
-from lightclip_core.data.shards import ShardStream, shard_paths
+from lightclip_core.data.shards import ShardStream, decode_caption, iter_raw_samples, shard_paths
 from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, write_json_atomic
+from lightclip_core.models.timm_variants import dilated_name
 from lightclip_core.models.tokenizer import vocab_size
+from lightclip_core.reinforce.caption_decoder import CaptionDecoder, TowerCaptioner, caption_vocabulary, \
+    save_captioner
 from lightclip_core.train.data import PairDecoder, batches
 from lightclip_core.train.schedule import build_scheduler
 
@@ -42,6 +48,13 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 LOG_COLUMNS = ("step", "loss", "clip_loss", "caption_loss", "lr", "logit_scale", "samples_per_s")
 INTERPOLATION = "bicubic"
 _MAX_LOG_SCALE = math.log(100.0)
+CAPTIONER_DIR = "captioner"  # a captioning CLIP's decoder, next to the teacher `model/`
+VOCAB_CAPTIONS = 5000  # training captions the captioning decoder's vocabulary is counted over
+
+
+def trained_captioner(kind: str) -> str | None:
+    """The directory (under the teacher stage's output) of the captioner a first teacher of `kind` provides."""
+    return {"coca": "model", "captioning_clip": CAPTIONER_DIR}.get(kind)
 
 
 @dataclass
@@ -54,14 +67,15 @@ class TeacherResult:
 
 def model_config(c: CocaTeacherConfig) -> dict[str, Any]:
     """open_clip's model config for a trained teacher of either kind."""
-    return coca_model_config(c) if c.kind == "coca" else clip_model_config(c)
+    return coca_model_config(c) if c.kind == "coca" else clip_model_config(c)  # clip, captioning_clip
 
 
 def clip_model_config(c: CocaTeacherConfig) -> dict[str, Any]:
     """open_clip's CLIP config with a timm image tower (randomly initialised) and open_clip's text transformer."""
     return {
         "embed_dim": c.embed_dim,
-        "vision_cfg": {"timm_model_name": c.tower, "timm_model_pretrained": False, "timm_pool": "avg",
+        "vision_cfg": {"timm_model_name": dilated_name(c.tower, c.output_stride), "timm_model_pretrained": False,
+                       "timm_pool": "avg",
                        "timm_proj": "linear", "image_size": c.image_size},
         "text_cfg": {"context_length": c.context_length, "vocab_size": vocab_size(), "width": c.text_width,
                      "heads": c.text_heads, "layers": c.text_layers},
@@ -124,6 +138,20 @@ def create_from_dir(directory: Path, device: torch.device) -> nn.Module:
     return model
 
 
+def publish_captioner(model: nn.Module, decoder: CaptionDecoder, c: CocaTeacherConfig, final: Path,
+                      mean: Sequence[float], std: Sequence[float]) -> Path:
+    """The captioning CLIP's tower trunk and decoder as a captioner directory, swapped in as `final`."""
+    captioner = TowerCaptioner(dilated_name(c.tower, c.output_stride), decoder)
+    captioner.trunk.load_state_dict(model.visual.trunk.state_dict())
+    build = fresh_build_dir(final)
+    try:
+        save_captioner(captioner, build, preprocess_config(c.image_size, mean, std))
+        swap_in(build, final)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return final
+
+
 def publish_model_dir(model: nn.Module, build: Path, final: Path) -> Path:
     """Add the weights to `build` (which holds the config) and swap it in as `final`."""
     save_weights(model, build / WEIGHTS_FILE)
@@ -142,7 +170,16 @@ def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
+def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+          decoder: CaptionDecoder | None = None, weights: tuple[float, float] = (1.0, 1.0)) -> tuple:
+    if decoder is not None:  # captioning CLIP: one pass of the trunk feeds the pooled embedding and the decoder
+        visual = model.visual
+        fmap = visual.trunk.forward_features(images)
+        image_features = F.normalize(visual.head(visual.trunk.forward_head(fmap)), dim=-1)
+        scale = model.logit_scale.exp()
+        clip_loss = loss_fn(image_features, model.encode_text(tokens, normalize=True), scale)
+        caption_loss = decoder.loss(tokens, decoder.memory_tokens(fmap))
+        return weights[0] * clip_loss + weights[1] * caption_loss, clip_loss, caption_loss, scale
     out = model(images, tokens)
     if isinstance(loss_fn, CoCaLoss):
         clip_loss, caption_loss = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
@@ -151,6 +188,14 @@ def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: to
         clip_loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         caption_loss = torch.zeros_like(clip_loss)
     return clip_loss + caption_loss, clip_loss, caption_loss, out["logit_scale"]
+
+
+def build_decoder(c: CocaTeacherConfig, model: nn.Module, train_dir: str | os.PathLike) -> CaptionDecoder:
+    """The captioning decoder of a captioning CLIP: its vocabulary counted over the first training captions."""
+    captions = (decode_caption(raw) for _, raw in zip(range(VOCAB_CAPTIONS), iter_raw_samples(shard_paths(train_dir))))
+    vocab = caption_vocabulary(captions, c.context_length, c.max_vocab)
+    return CaptionDecoder(vocab, model.visual.trunk.num_features, c.text_width, c.text_heads, c.decoder_layers,
+                          c.context_length)
 
 
 def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[float], std: Sequence[float],
@@ -163,26 +208,29 @@ def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[f
 
 
 def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data.DataLoader, stream: ShardStream,
-                log_path: Path, sink: MetricSink | None, device: torch.device) -> list[dict[str, float]]:
+                log_path: Path, sink: MetricSink | None, device: torch.device,
+                decoder: CaptionDecoder | None = None) -> list[dict[str, float]]:
     """`c.steps` optimiser steps; one log row per step (CSV, sink, progress bar)."""
     loss_fn = (CoCaLoss(caption_loss_weight=c.caption_loss_weight, clip_loss_weight=c.clip_loss_weight)
                if c.kind == "coca" else ClipLoss())
-    optimizer = build_optimizer(model, c)
-    scheduler = build_scheduler(optimizer, c.warmup_steps, c.steps)
+    trained = model if decoder is None else nn.ModuleDict({"model": model, "decoder": decoder})
+    optimizer = build_optimizer(trained, c)
+    scheduler = build_scheduler(optimizer, c.warmup_steps, c.steps, c.schedule)
     rows: list[dict[str, float]] = []
-    model.train()
+    trained.train()
     tick = time.perf_counter()
     with open(log_path, "w", newline="") as log_file, tqdm(total=c.steps, desc="teacher", unit="step") as bar:
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         for step, (_, batch) in enumerate(batches(loader, stream, c.steps), start=1):
             loss, clip_loss, caption_loss, scale = _step(model, loss_fn, batch["images"].to(device),
-                                                         batch["tokens"].to(device))
+                                                         batch["tokens"].to(device), decoder,
+                                                         (c.clip_loss_weight, c.caption_loss_weight))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"teacher loss is {loss.item()} at step {step}; nothing was published")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
@@ -199,7 +247,7 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
                 sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             bar.update()
-    model.eval()
+    trained.eval()
     return rows
 
 
@@ -224,13 +272,16 @@ def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_d
         write_config(build, model_config(c), preprocess_config(c.image_size, mean, std))
         torch.manual_seed(c.seed)
         model = create_from_dir(build, device)
+        decoder = build_decoder(c, model, train_dir).to(device) if c.kind == "captioning_clip" else None
         loader, stream = _loader(c, train_dir, mean, std, device)
         log.info("training the %s teacher %r (%.2fM parameters) for %d steps, batch %d, on %s", c.kind, name,
                  sum(p.numel() for p in model.parameters()) / 1e6, c.steps, c.batch_size, device)
         log_path = out_dir / ("teacher_log.csv" if name == "model" else f"{name}_log.csv")
         started = time.perf_counter()
-        rows = _train_loop(model, c, loader, stream, log_path, sink, device)
+        rows = _train_loop(model, c, loader, stream, log_path, sink, device, decoder)
         metrics = _summary(rows, c.batch_size, time.perf_counter() - started)
+        if decoder is not None:
+            publish_captioner(model, decoder, c, out_dir / CAPTIONER_DIR, mean, std)
         publish_model_dir(model, build, final)
     finally:
         shutil.rmtree(build, ignore_errors=True)

@@ -42,6 +42,7 @@ from lightclip_core.infra import storage
 from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, is_s3, join, sha256_file, write_json_atomic
 from lightclip_core.reinforce.captioner import Captioner
+from lightclip_core.reinforce.coca_teacher import trained_captioner
 from lightclip_core.reinforce.teachers import TeacherEnsemble
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,17 @@ class Timer:
 
 
 def default_specs(cfg: Config, teacher_dir: str | Path | None) -> tuple[list[TeacherSpec], TeacherSpec]:
-    """The ensemble and captioner of params.yaml; where empty, the teachers the `teacher` stage trained (the CoCa
-    teacher `model/`, which is also the captioner, and `second/` when teacher.second is set)."""
+    """The ensemble and captioner of params.yaml; where empty, the teachers the `teacher` stage trained (the teacher
+    `model/`, `second/` when teacher.second is set, and the captioner: `model/` itself for a CoCa, `captioner/` for a
+    captioning CLIP)."""
     trained = TeacherSpec(model=f"local-dir:{join(teacher_dir, 'model')}") if teacher_dir else None
     second = [TeacherSpec(model=f"local-dir:{join(teacher_dir, 'second')}")] if teacher_dir and cfg.teacher.second \
         else []
     ensemble = list(cfg.teacher.ensemble) or ([trained, *second] if trained else [])
-    captioner = cfg.teacher.captioner or trained
+    captioner_dir = trained_captioner(cfg.teacher.train.kind)
+    trained_captioner_spec = TeacherSpec(model=f"local-dir:{join(teacher_dir, captioner_dir)}") \
+        if teacher_dir and captioner_dir else None
+    captioner = cfg.teacher.captioner or trained_captioner_spec
     if not ensemble or captioner is None:
         raise ConfigError("teacher.ensemble/teacher.captioner: empty, and no --teacher directory of trained "
                           "teachers was given")
@@ -111,7 +116,7 @@ class ShardReinforcer:
         self.r, self.ensemble, self.captioner, self.timer = r, ensemble, captioner, timer
         self.reference_size = r.image_size or ensemble.image_sizes[0]
         self.augment = ReplayableAugment(self.reference_size, scale=tuple(r.crop_scale), ratio=tuple(r.crop_ratio),
-                                         num_ops=r.rand_augment_ops, magnitude=r.rand_augment_magnitude)
+                                         num_ops=r.rand_augment_ops, magnitude=r.rand_augment_magnitude, ops=r.ops)
 
     def _views(self, key: str, image) -> tuple[list, list[list[torch.Tensor]]]:
         """The N parameter sets of a sample and, per teacher, its N views preprocessed at that teacher's size."""

@@ -9,9 +9,11 @@ embedding, in ensemble order (the layout a reinforced dataset stores).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import open_clip
@@ -23,6 +25,7 @@ from torchvision import transforms as T
 from lightclip_core.config import TeacherSpec
 from lightclip_core.data.transforms import image_transform, to_rgb
 from lightclip_core.infra.storage import fetch_to_local, is_s3
+from lightclip_core.models.timm_variants import ensure_registered
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,17 @@ def resolve_spec(spec: TeacherSpec, cache_dir: str | os.PathLike) -> tuple[str, 
     return model, pretrained
 
 
+def _register_tower(name: str) -> None:
+    """A local-dir whose timm tower is one of this project's dilated variants (`<tower>_os16`): register it first."""
+    config = Path(name[len(LOCAL_DIR):]) / "open_clip_config.json" if name.startswith(LOCAL_DIR) else None
+    if config is not None and config.is_file():
+        tower = json.loads(config.read_text()).get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name")
+        if tower:
+            ensure_registered(tower)
+
+
 def _create(name: str, pretrained: str | None, device: torch.device) -> nn.Module:
+    _register_tower(name)
     if name.startswith(LOCAL_DIR) and pretrained is not None:
         # open_clip ignores `pretrained` for a schema name: take the architecture from the directory, the weights
         # from the given checkpoint

@@ -2,16 +2,21 @@
 group of a fan-out, then the join that publishes its manifest), index published reinforced shards."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.infra.sink import PrefixedSink
 from lightclip_core.stages.io import InputError, existing, local_dir, localise, output_dir
 from lightclip_core.tracking.mlflow_utils import StageRun
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,12 +50,16 @@ class TeacherSummary:
         return {"models": [storage.join(self.out, m) for m in self.models], **self.metrics}
 
 
-def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -> TeacherSummary:
+def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
+                val: str | os.PathLike | None = None) -> TeacherSummary:
     """Train the embedded default's teachers (`teacher.train`, a CoCa that is also the captioner, and
-    `teacher.second`) on the training split `data`; each lands in `out/<name>/`, the metrics in `out/metrics.json`."""
+    `teacher.second`) on the training split `data`; each lands in `out/<name>/`, the metrics in `out/metrics.json`:
+    training figures and each teacher's and the captioner's quality (`quality/<name>/...`) on the validation split
+    `val` (default: the `val` split next to `data`, when there is one), which `reinforce`'s gate reads."""
     from lightclip_core.reinforce.coca_teacher import train_coca_teacher
 
     train_dir = local_dir(data, "training split", "data")
+    val_dir = _validation_split(data, val)
     teachers = {"model": cfg.teacher.train, **({"second": cfg.teacher.second} if cfg.teacher.second else {})}
     metrics: dict[str, float] = {}
     with StageRun(cfg, "teacher", inputs={"data": train_dir}) as run, \
@@ -61,9 +70,44 @@ def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike)
                                         sink=PrefixedSink(run, prefix), name=name)
             metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
             run.log_artifact(result.log_path)
+        if val_dir is not None:
+            metrics.update(trained_teacher_quality(cfg, local, list(teachers), val_dir))
         run.log_metrics({f"summary/{k}": v for k, v in metrics.items()})
         storage.write_json_atomic(local / "metrics.json", metrics)
     return TeacherSummary(str(out), list(teachers), metrics)
+
+
+def _validation_split(data: str | os.PathLike, val: str | os.PathLike | None) -> Path | None:
+    if val is not None:
+        return local_dir(val, "validation split", "val")
+    sibling = str(data).rstrip("/").rsplit("/", 1)[0] + "/val" if storage.is_s3(str(data)) else Path(data).parent / "val"
+    if storage.exists(storage.join(sibling, "manifest.json")):
+        return local_dir(sibling, "validation split", "val")
+    log.warning("no validation split next to %s: the teachers' quality is not measured", data)
+    return None
+
+
+def trained_teacher_quality(cfg: Config, teacher_dir: Path, names: list[str], val_dir: Path) -> dict[str, float]:
+    """`quality/<teacher>/...` for every trained teacher and `quality/captioner/...` for the trained captioner."""
+    from lightclip_core.config import TeacherSpec
+    from lightclip_core.reinforce.captioner import Captioner
+    from lightclip_core.reinforce.coca_teacher import trained_captioner
+    from lightclip_core.reinforce.quality import caption_quality, load_split, teacher_quality
+    from lightclip_core.reinforce.teachers import Teacher
+
+    images, captions, metas, tasks = load_split(val_dir)
+    out: dict[str, float] = {}
+    for name in names:
+        spec = TeacherSpec(model=f"local-dir:{teacher_dir / name}")
+        figures = teacher_quality(Teacher(spec, teacher_dir, torch.device("cpu")), images, captions, metas, tasks,
+                                  cfg.evaluate.templates)
+        out.update({f"quality/{name}/{k}": v for k, v in figures.items()})
+    captioner = trained_captioner(cfg.teacher.train.kind)
+    if captioner is not None:
+        spec = TeacherSpec(model=f"local-dir:{teacher_dir / captioner}")
+        figures = caption_quality(Captioner(spec, teacher_dir), images, metas, cfg.reinforce)
+        out.update({f"quality/captioner/{k}": v for k, v in figures.items()})
+    return out
 
 
 @dataclass
@@ -101,6 +145,8 @@ def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLik
         shard_range = parse_shard_range(shards, len(read_manifest(data_dir)["shards"]))
     except ValueError as err:
         raise InputError(str(err)) from None
+    if teacher_dir is not None:
+        _check_teacher_gate(cfg, teacher_dir)
     inputs = {"data": data_dir, **({"teacher": teacher_dir} if teacher_dir else {})}
     with StageRun(cfg, "reinforce", inputs=inputs) as run:
         result = reinforce(cfg, data_dir, out, teacher_dir, shard_range, sink=run, publish=publish)
@@ -108,6 +154,20 @@ def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLik
     if not storage.is_s3(str(out)):
         storage.write_json_atomic(Path(out).parent / f"{Path(out).name}-metrics.json", result.metrics)
     return ReinforceSummary(str(result.out_dir), result.complete, result.skipped, result.metrics)
+
+
+def _check_teacher_gate(cfg: Config, teacher_dir: Path) -> None:
+    """`teacher.gate` on the quality the teacher stage recorded for the trained teachers in use (pretrained teachers
+    from `teacher.ensemble` / `teacher.captioner` have no recorded quality and are not gated)."""
+    from lightclip_core.reinforce.coca_teacher import trained_captioner
+    from lightclip_core.reinforce.quality import check_gate, recorded_quality
+
+    metrics_file = teacher_dir / "metrics.json"
+    metrics = storage.read_json(metrics_file) if metrics_file.exists() else {}
+    trained = [] if cfg.teacher.ensemble else ["model", *(["second"] if cfg.teacher.second else [])]
+    has_captioner = cfg.teacher.captioner is None and trained_captioner(cfg.teacher.train.kind) is not None
+    quality = recorded_quality(metrics, trained, has_captioner)
+    check_gate(quality, cfg.teacher.gate)
 
 
 @dataclass

@@ -89,6 +89,6 @@ def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     for k, v in tree.items():
         if isinstance(v, dict):
             out.update(flat_numbers(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out

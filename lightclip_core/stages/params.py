@@ -15,8 +15,11 @@ from lightclip_core.config import Config
 
 READS: dict[str, tuple[str, ...]] = {
     "prepare": ("data",),
-    "teacher": ("teacher.train", "teacher.second", "model.image.mean", "model.image.std"),
-    "reinforce": ("reinforce", "teacher.ensemble", "teacher.captioner", "teacher.second"),
+    "teacher": ("teacher.train", "teacher.second", "model.image.mean", "model.image.std",
+                # the quality measured on the validation split: prompts, and the captions sampled as reinforce will
+                "evaluate.templates", "reinforce.num_captions", "reinforce.top_p", "reinforce.temperature",
+                "reinforce.max_caption_tokens", "reinforce.seed"),
+    "reinforce": ("reinforce", "teacher.ensemble", "teacher.captioner", "teacher.second", "teacher.gate"),
     "train": ("model", "train", "objectives"),
     "export": ("export", "model"),
     "evaluate": ("evaluate",),  # the report describes the training from the model's lineage, not from params
