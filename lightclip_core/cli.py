@@ -92,6 +92,39 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], Any], str]] = {
 }
 
 
+class _OwnLines(logging.Filter):
+    """The console shows this project's log lines and other libraries' errors; the rest goes to the log file only
+    (open_clip's root-logger lines and "No pretrained weights loaded" warnings for the deliberately untrained
+    teachers, ONNX exporter INFO lines, MLflow's messages, Python warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith(("lightclip", "__main__")) or record.levelno >= logging.ERROR
+
+
+def setup_logging(command: str, verbose: bool, rank: str | None) -> Path:
+    """Console: this project's lines (INFO, or DEBUG with -v); everything at INFO and above, and every Python
+    warning, also to `$LIGHTCLIP_LOG_DIR/<command>[.rank<r>].log` (default `logs/`), appended. Returns that path."""
+    path = Path(os.environ.get("LIGHTCLIP_LOG_DIR", "logs")) / f"{command}{f'.rank{rank}' if rank else ''}.log"
+    fmt = logging.Formatter("%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") + "%(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.addFilter(_OwnLines())
+    handlers: list[logging.Handler] = [console]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, encoding="utf-8"))
+    except OSError as err:  # a read-only working directory: the console still gets this project's lines
+        print(f"lightclip: no log file ({err}); third-party log lines are dropped", file=sys.stderr)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+    return path
+
+
 def write_stage_metrics(path: str, summary: dict, wall_time_s: float) -> None:
     """The summary's numbers (nested keys slash-joined) and the stage's wall time, written atomically."""
     from lightclip_core.infra.storage import write_json_atomic
@@ -173,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None  # set by torchrun
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") +
-                               "%(name)s: %(message)s")
+    setup_logging(args.command, getattr(args, "verbose", False), rank)
     if args.command == "trainjob":
         return args.handler(args)
     command, _ = COMMANDS[args.command]
@@ -200,7 +231,7 @@ def _main(argv: list[str] | None) -> int:
     except TrackingUnavailable as err:  # raised before the stage's work (or by sync): nothing half-done
         print(f"lightclip {args.command}: error: {err}", file=sys.stderr)
         return EXIT_TRACKING
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, default=str))  # one line: the stage's summary
     return 0
 
 

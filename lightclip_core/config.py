@@ -93,6 +93,8 @@ class TrainConfig(Section):
                                         "transformer); null: train.lr")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after the linear warm-up: cosine decay to zero, or constant")
+    stored_views: bool = Field(True, description="on a reinforced split, train on its stored views also without "
+                                                 "distillation (the same augmentation); false: the original images")
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)

@@ -155,3 +155,40 @@ def test_cli_metrics_file_has_the_summary_numbers_and_the_stage_wall_time(tmp_pa
         "counts/train": 20.0, "counts/val": 4.0, "counts/test": 4.0,
         **{f"skipped/{k}": float(v) for k, v in summary["skipped"].items()}}
     assert 0 < written["wall_time_s"] < 60  # measured in ms
+
+
+def test_console_shows_this_projects_lines_and_the_log_file_everything(tmp_path, monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from lightclip_core.cli import setup_logging
+
+    monkeypatch.setenv("LIGHTCLIP_LOG_DIR", str(tmp_path / "logs"))
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    logging.captureWarnings(False)  # an earlier in-process `main` left logging's capture pointing at pytest's
+    try:
+        path = setup_logging("teacher", verbose=False, rank=None)
+        logging.getLogger().warning("No pretrained weights loaded for model 'local-dir:x'")  # open_clip's way
+        logging.getLogger("onnxscript").info("exporter chatter")
+        logging.getLogger("lightclip_core.stages").info("teacher trained")
+        logging.getLogger("mlflow").error("server gone")
+        warnings.warn("a library warning")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in saved[0]:
+                handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)
+    console = capsys.readouterr().err
+    assert "teacher trained" in console and "server gone" in console
+    assert "No pretrained" not in console and "exporter chatter" not in console and "a library warning" not in console
+    written = path.read_text()
+    assert path == tmp_path / "logs" / "teacher.log"
+    for line in ("No pretrained weights loaded", "exporter chatter", "teacher trained", "server gone", "a library warning"):
+        assert line in written

@@ -179,6 +179,33 @@ def test_the_trainer_distils_from_a_reinforced_split(reinforced, tmp_path):
     assert result.steps == 3 and np.isfinite(result.metrics["final_loss"])
 
 
+def test_plain_clip_on_a_reinforced_split_sees_the_stored_views_unless_told_otherwise(reinforced, base):
+    """train.stored_views: with distillation off, the batches of a reinforced split are the stored views (the same
+    augmentation a distilled run sees); false, or a plain split: the original images."""
+    from torchvision.transforms import functional as TF
+
+    from lightclip_core.data.augment import AugParams, ReplayableAugment
+    from lightclip_core.data.reinforced import decode_reinforcement
+    from lightclip_core.data.shards import decode_image, iter_raw_samples, shard_paths
+    from lightclip_core.train.data import PairDecoder, ReinforcedDecoder, make_loader
+
+    out, _ = reinforced
+    plain = {"distill": {"enabled": False}}
+    loader, _ = make_loader(config(objectives={**TINY["objectives"], **plain}), out)
+    assert isinstance(loader.dataset.decode, ReinforcedDecoder)
+    off = config(objectives={**TINY["objectives"], **plain}, train={**TINY["train"], "stored_views": False})
+    assert type(make_loader(off, out)[0].dataset.decode) is PairDecoder
+    assert type(make_loader(config(objectives={**TINY["objectives"], **plain}), base / "data" / "train")[0]
+                .dataset.decode) is PairDecoder
+    decoder = loader.dataset.decode
+    raw = next(iter_raw_samples(shard_paths(out)[:1]))
+    r = decode_reinforcement(raw)
+    views = [ReplayableAugment(decoder.size).apply(decode_image(raw), AugParams.from_json(p), size=decoder.size,
+                                                    reference_size=decoder.reference_size) for p in r.param_aug]
+    image = decoder(raw)["images"]
+    assert any(torch.equal(image, TF.normalize(TF.to_tensor(v), decoder.mean, decoder.std)) for v in views)
+
+
 def test_distillation_on_a_plain_split_is_a_one_line_error(base, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(TINY))

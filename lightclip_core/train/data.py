@@ -121,12 +121,15 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
 
 def make_loader(cfg: Config, train_dir: str | Path, rank: int = 0, world_size: int = 1,
                 pin_memory: bool | None = None) -> tuple[torch.utils.data.DataLoader, EpochStream]:
-    """This rank's micro-batches: reinforced ones when the distillation objective is on (the split must be
-    reinforced and complete), plain pairs otherwise. Each batch holds train.batch_size / (world_size *
-    train.accum_steps) samples."""
+    """This rank's micro-batches: reinforced ones (stored views replayed) when the distillation objective is on (the
+    split must be reinforced and complete) or when the split is reinforced and `train.stored_views` is on (so plain
+    CLIP sees the augmentation a distilled run sees), plain pairs otherwise. Each batch holds train.batch_size /
+    (world_size * train.accum_steps) samples."""
     t = cfg.train
     if cfg.objectives.distill.enabled:
         decoder: PairDecoder = ReinforcedDecoder(cfg, require_reinforcement(train_dir))
+    elif t.stored_views and reinforcement_of(train_dir) is not None:
+        decoder = ReinforcedDecoder(cfg, require_reinforcement(train_dir, "train.stored_views=true"))
     else:
         decoder = PairDecoder.for_model(cfg)
     manifest = read_manifest(train_dir)
@@ -142,15 +145,16 @@ def make_loader(cfg: Config, train_dir: str | Path, rank: int = 0, world_size: i
     return loader, stream
 
 
-def require_reinforcement(train_dir: str | Path) -> dict[str, Any]:
+def require_reinforcement(train_dir: str | Path, why: str = "objectives.distill.enabled=true") -> dict[str, Any]:
     """The split's reinforcement section, checked before any work: the split is reinforced and complete, and its
-    first sample carries every reinforcement field at the width the manifest's teachers give."""
+    first sample carries every reinforcement field at the width the manifest's teachers give. `why` names the
+    setting that needs it."""
     reinforcement = reinforcement_of(train_dir)
     if reinforcement is None:
-        raise ConfigError(f"objectives.distill.enabled=true: {train_dir} is not a reinforced split; run "
+        raise ConfigError(f"{why}: {train_dir} is not a reinforced split; run "
                           f"`lightclip reinforce` on it or set objectives.distill.enabled=false")
     if not reinforcement.get("complete", False):
-        raise ConfigError(f"objectives.distill.enabled=true: {train_dir} is only partly reinforced "
+        raise ConfigError(f"{why}: {train_dir} is only partly reinforced "
                           f"({reinforcement.get('missing_shards')} shards missing); rerun `lightclip reinforce`")
     first = next(iter_raw_samples(shard_paths(train_dir)[:1]), None)
     if first is not None:
