@@ -140,7 +140,8 @@ def write_section(table: dict[str, dict[str, float]], args) -> None:
              f"Embedded default's training split, {args.steps} steps, batch {base_config([]).train.batch_size}, seeds "
              f"{', '.join(map(str, args.seeds))}; validation split; top-1 and R@1 in % (mean ± sd over seeds). "
              f"`probe`: the image tower trained supervised on shape (lr {PROBE_LR}, batch {args.probe_batch}). "
-             "CLIP arms: CLIP's loss only, one suspect changed against `clip` (overrides in the script's ARMS).", "",
+             "CLIP arms: CLIP's loss only, one suspect changed against `clip` (overrides in the script's ARMS). Wall "
+             "times are comparable only between runs that had the machine alone.", "",
              "| arm | seeds | colour | shape | colour+shape | i2t R@1 | t2i R@1 | wall s |", "|---|---|---|---|---|---|---|---|"]
     for arm, e in table.items():
         cells = [f"{100 * e[f'{k}_mean']:.1f} ± {100 * e[f'{k}_sd']:.1f}" if f"{k}_mean" in e else "-"
@@ -184,10 +185,10 @@ def main() -> None:
     write_section(table, args)
     clip_shape = table.get("clip", {}).get("shape_mean", float("nan"))
     best = max((a for a in table if a not in PROBES), key=lambda a: table[a]["colour_shape_mean"], default="clip")
+    probes = ", ".join(f"{a} {100 * table[a]['shape_mean']:.1f}%" for a in table if a in PROBES)
     publish("shape_learning", {"steps": args.steps, "seeds": args.seeds, "table": table},
             measured=f"best CLIP arm {best}: shape {100 * table[best]['shape_mean']:.1f}%, colour+shape "
-                     f"{100 * table[best]['colour_shape_mean']:.1f}%; supervised probe shape "
-                     f"{100 * table.get('probe', {}).get('shape_mean', float('nan')):.1f}%",
+                     f"{100 * table[best]['colour_shape_mean']:.1f}%; supervised probes' shape: {probes}",
             reference=f"CLIP at lr 1e-3 cosine: shape {100 * clip_shape:.1f}%",
             ratio=table[best]["shape_mean"] / clip_shape if clip_shape == clip_shape else float("nan"),
             command=f"python benchmarks/shape_learning.py --steps {args.steps} --seeds "

@@ -122,6 +122,11 @@ def setup_logging(command: str, verbose: bool, rank: str | None) -> Path:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's own stderr handler, when imported later
+    mlflow_logger = logging.getLogger("mlflow")  # and when it was imported before
+    for handler in list(mlflow_logger.handlers):
+        mlflow_logger.removeHandler(handler)
+    mlflow_logger.propagate = True
     return path
 
 

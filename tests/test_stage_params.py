@@ -79,3 +79,15 @@ def test_a_location_changes_with_a_parameter_upstream_and_not_downstream() -> No
     assert stage_fingerprint(base, "teacher") != stage_fingerprint(changed, "teacher")
     assert stage_fingerprint(base, "reinforce") != stage_fingerprint(changed, "reinforce")
     assert fingerprint(base, "data") == stage_fingerprint(base, "prepare")
+
+
+def test_every_pure_stage_writes_its_metrics_file_to_git_not_to_the_cache() -> None:
+    """`dvc metrics diff` compares commits: each stage's figures and wall time are a `cache: false` metrics file
+    that its command writes (`--metrics`), committed with dvc.lock."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        if name == "register":  # a side effect on the registry; its record is an uncached output already
+            continue
+        path = f"metrics/{name}.json"
+        assert f"--metrics {path}" in " ".join(stage["cmd"].split()), name
+        assert stage["metrics"] == [{path: {"cache": False}}], name
