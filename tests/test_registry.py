@@ -115,8 +115,8 @@ def run_register(evaluated: dict[str, Path], eval_dir: Path, out: Path, model_na
                      "--out", str(out), "--set", f"registry.model_name={model_name}",
                      "--set", "tracking.experiment=registry-tests",
                      "--set", f"tracking.spool_dir={out.parent / 'spool'}", *(f"--set={o}" for o in overrides)])
-    lines = buffer.getvalue().splitlines()
-    return code, (json.loads("\n".join(lines[lines.index("{"):])) if code == 0 else {})
+    lines = buffer.getvalue().splitlines()  # MLflow's "View run" lines first, then the one-line summary
+    return code, (json.loads(lines[-1]) if code == 0 else {})
 
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:

@@ -111,7 +111,7 @@ def check_gate(quality: dict[str, dict[str, float]], gate: QualityGateConfig) ->
         if value < threshold:
             raise QualityGateError(f"teacher.gate: {name} has {key} = {value:.3f}, below the threshold {threshold} "
                                    "(nothing was reinforced; train a better teacher or lower the gate)")
-    log.info("teacher quality gate passed: %s", quality)
+    log.debug("teacher quality gate passed: %s", quality)
 
 
 def recorded_quality(metrics: dict[str, float], teachers: Sequence[str], captioner: bool) -> dict[str, dict]:
