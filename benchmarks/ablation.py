@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TABLE, median_after_warmup, publish  # noqa: E402
+from common import ROOT, median_after_warmup, publish, replace_section  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.prepare import prepare  # noqa: E402
@@ -140,15 +140,7 @@ def write_section(table: dict[str, dict[str, float]], args) -> None:
     for name, e in table.items():
         cells = [f"{e[f'{k}_mean']:.1f} ± {e[f'{k}_sd']:.1f}" for k in METRICS]
         lines.append(f"| {name} | {e['seeds']} | " + " | ".join(cells) + f" | {e['step_time_ratio']:.2f}x |")
-    section = "\n".join(lines) + "\n"
-    text = TABLE.read_text()
-    start = text.find(lines[0])
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    TABLE.write_text(text)
+    replace_section("\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -53,3 +53,17 @@ def publish(name: str, result: dict[str, Any], measured: str, reference: str, ra
     text = "".join(lines)
     TABLE.write_text(text[:header_end] + row + text[header_end:])
     print(json.dumps(result, indent=2))
+
+
+def replace_section(section: str) -> None:
+    """Put `section` (a markdown section starting with its `## ` title line) into docs/BENCHMARKS.md, replacing the
+    section of the same title up to the next `## ` title, or appending it."""
+    title = section.splitlines()[0]
+    text = TABLE.read_text()
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    TABLE.write_text(text)

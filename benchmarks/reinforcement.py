@@ -36,11 +36,12 @@ from common import ROOT, TABLE, publish  # noqa: E402
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.reinforced import decode_reinforcement  # noqa: E402
 from lightclip_core.data.shards import (decode_caption, decode_image, decode_meta,  # noqa: E402
-                                         iter_raw_samples, read_manifest, shard_paths)
+                                         iter_raw_samples, shard_paths)
 from lightclip_core.data.synthetic import COLOURS, SHAPES  # noqa: E402
 from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
 from lightclip_core.reinforce.captioner import Captioner  # noqa: E402
+from lightclip_core.reinforce.quality import load_split, teacher_quality  # noqa: E402
 from lightclip_core.reinforce.reinforcement import ShardReinforcer, Timer, default_specs  # noqa: E402
 from lightclip_core.reinforce.teachers import TeacherEnsemble  # noqa: E402
 from lightclip_core.train.checkpoint import list_checkpoints  # noqa: E402
@@ -68,31 +69,6 @@ VARIANTS = {
 
 
 # ------------------------------------------------------------------------------------------------ teachers
-def teacher_zero_shot(ensemble: TeacherEnsemble, index: int, test_dir: Path, templates: list[str]) -> dict[str, float]:
-    """Top-1 of teacher `index` on every zero-shot task of the test split (class prompts averaged over templates)."""
-    manifest = read_manifest(test_dir)
-    images, metas = [], []
-    for raw in iter_raw_samples(shard_paths(test_dir)):
-        images.append(ensemble.preprocess(decode_image(raw), index))
-        metas.append(decode_meta(raw))
-    model = ensemble.teachers[index].model
-    with torch.inference_mode():
-        feats = torch.cat([model.encode_image(torch.stack(images[i:i + 256]), normalize=True)
-                           for i in range(0, len(images), 256)])
-        out = {}
-        for task, spec in manifest["tasks"].items():
-            classes = spec["classes"]
-            weights = []
-            for name in classes:
-                prompts = [t.format(name.replace("_", " ")) for t in templates]
-                emb = model.encode_text(ensemble.teachers[index].tokenizer(prompts), normalize=True).mean(0)
-                weights.append(emb / emb.norm())
-            pred = (feats @ torch.stack(weights).T).argmax(1)
-            labels = torch.tensor([classes.index(m[spec["label_key"]]) for m in metas])
-            out[task] = float((pred == labels).float().mean())
-    return out
-
-
 def caption_attribute_accuracy(reinforced: Path, shards: int = 1) -> dict[str, float]:
     """Share of synthetic captions naming exactly the sample's colour / shape (and both)."""
     colour_ok = shape_ok = both = total = 0
@@ -111,8 +87,10 @@ def part_teacher(args) -> dict:
     cfg = load_config(ROOT / "params.yaml")
     specs, _ = default_specs(cfg, args.teacher)
     ensemble = TeacherEnsemble(specs, args.work / "cache", torch.device("cpu"))
-    zero_shot = {spec.model: teacher_zero_shot(ensemble, i, args.test, list(cfg.evaluate.templates))
-                 for i, spec in enumerate(specs)}
+    images, captions, metas, tasks = load_split(args.test)
+    zero_shot = {spec.model: {task: figures[f"zeroshot/{task}/top1"] for task in tasks}
+                 for spec, teacher in zip(specs, ensemble.teachers)
+                 if (figures := teacher_quality(teacher, images, captions, metas, tasks, cfg.evaluate.templates))}
     captions = caption_attribute_accuracy(args.reinforced)
     result = {"teachers": zero_shot, "synthetic_captions": captions}
     best = max(zero_shot.values(), key=lambda z: z["colour_shape"])

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import ensure_data  # noqa: E402
-from common import ROOT, TABLE, publish  # noqa: E402
+from common import ROOT, publish, replace_section  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.shards import decode_image, iter_raw_samples  # noqa: E402
@@ -147,15 +147,7 @@ def write_section(table: dict[str, dict[str, float]], args) -> None:
         cells = [f"{100 * e[f'{k}_mean']:.1f} ± {100 * e[f'{k}_sd']:.1f}" if f"{k}_mean" in e else "-"
                  for k in METRICS]
         lines.append(f"| {arm} | {e['seeds']} | " + " | ".join(cells) + f" | {e['wall_time_s_mean']:.0f} |")
-    section = "\n".join(lines) + "\n"
-    text = TABLE.read_text()
-    start = text.find(title)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    TABLE.write_text(text)
+    replace_section("\n".join(lines) + "\n")
 
 
 def main() -> None:
