@@ -8,10 +8,13 @@ export -> evaluate -> register (only when the evaluation gate passes).
 lightclip_core/pipeline/arguments.py) and params.yaml overrides (`train.lr=5e-4`); both are validated by the project's
 schema before anything is compiled or sent. The components run on the project image (infra/docker), read MLflow
 settings from the ConfigMap `lightclip-mlflow` and S3 / MLflow credentials from the Secrets `lightclip-s3` and
-`lightclip-mlflow-auth`, as environment variables. docs/KUBEFLOW.md has the whole walk-through.
+`lightclip-mlflow-auth`, as environment variables. Each task's CPU and memory requests and limits come from the
+`resources` section of params.yaml and are fixed when the pipeline is compiled. docs/KUBEFLOW.md has the whole
+walk-through.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -22,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python pipelines/full.py` from anywhere: the components live next to this folder
     sys.path.insert(0, str(ROOT))
 
-from lightclip_core.config import ConfigError  # noqa: E402
+from lightclip_core.config import ConfigError, validate  # noqa: E402
+from lightclip_core.launch.manifests import MLFLOW_CLIENT_LABEL, RUN_AS_USER  # noqa: E402
 from lightclip_core.pipeline.arguments import ORCHESTRATION, pipeline_arguments  # noqa: E402
 
 MLFLOW_CONFIGMAP = "lightclip-mlflow"
@@ -36,7 +40,9 @@ EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_REJECTED = 2, 3, 1
 def build_pipeline(defaults: dict, image: str | None = None, parallelism: int = 4, shm_size: str = "16Gi",
                    retries: int = 2):
     """The pipeline function, its parameters defaulting to `defaults` (pipeline_arguments' output). `image`,
-    `parallelism` (reinforcement tasks at once) and `shm_size` are fixed at compile time."""
+    `parallelism` (reinforcement tasks at once), `shm_size` and each task's CPU and memory (`resources` of the
+    validated params) are fixed at compile time."""
+    sizes = validate(json.loads(defaults["params"])).resources
     if image:
         os.environ["LIGHTCLIP_IMAGE"] = image
     from kfp import dsl, kubernetes
@@ -50,13 +56,19 @@ def build_pipeline(defaults: dict, image: str | None = None, parallelism: int = 
     from components.image import IMAGE as image_used
     from components.train import local_gpus, train
 
-    def configure(task, *, cache: bool, retry: bool = True):
-        """Every task: environment from the ConfigMap and Secrets, caching only where the step is pure, retries on
-        the transient ones (network, preemption)."""
+    def configure(task, size, *, cache: bool, retry: bool = True):
+        """Every task: CPU and memory requests and limits (`size`, a section of `resources`), environment from the
+        ConfigMap and Secrets (the MLflow login is required: the tracking server authenticates), the pod label the
+        MLflow NetworkPolicy admits, the images' non-root user, caching only where the step is pure, retries on the
+        transient ones (network, preemption)."""
+        task.set_cpu_request(size.cpu_request).set_cpu_limit(size.cpu_limit)
+        task.set_memory_request(size.memory_request).set_memory_limit(size.memory_limit)
         kubernetes.use_config_map_as_env(task, MLFLOW_CONFIGMAP, {k: k for k in MLFLOW_ENV}, optional=True)
         kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_KEYS}, optional=True)
-        kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {k: k for k in MLFLOW_KEYS}, optional=True)
-        kubernetes.add_pod_label(task, "lightclip.dev/mlflow-client", "true")  # infra/k8s NetworkPolicy
+        kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {k: k for k in MLFLOW_KEYS}, optional=False)
+        kubernetes.add_pod_label(task, MLFLOW_CLIENT_LABEL, "true")  # infra/k8s NetworkPolicy
+        # what kfp can set of the restricted Pod Security Standard; the KFP backend adds the rest (docs/KUBEFLOW.md)
+        kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True)
         task.set_caching_options(cache)
         if retry and retries:
             task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="1h")
@@ -69,45 +81,43 @@ def build_pipeline(defaults: dict, image: str | None = None, parallelism: int = 
              train_nodes: int = defaults["train_nodes"],
              train_gpus: int = defaults["train_gpus"],
              gpu_resource: str = defaults["gpu_resource"],
-             train_memory: str = defaults["train_memory"],
-             train_cpu: str = defaults["train_cpu"],
              node_selector: dict = defaults["node_selector"],
              tolerations: list = defaults["tolerations"]):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        data = configure(prepare(params=params, storage_root=storage_root), cache=True)
+        data = configure(prepare(params=params, storage_root=storage_root), sizes.prepare, cache=True)
         teachers = configure(teacher(params=params, storage_root=storage_root, train=data.outputs["train"]),
-                             cache=True)
-        plan = configure(plan_reinforce(train=data.outputs["train"], groups=reinforce_groups), cache=True)
+                             sizes.teacher, cache=True)
+        plan = configure(plan_reinforce(train=data.outputs["train"], groups=reinforce_groups), sizes.control,
+                         cache=True)
         with dsl.ParallelFor(plan.output, parallelism=parallelism) as shards:
             group = configure(reinforce(params=params, storage_root=storage_root, train=data.outputs["train"],
-                                        teacher=teachers.outputs["model"], shards=shards), cache=True)
+                                        teacher=teachers.outputs["model"], shards=shards), sizes.reinforce, cache=True)
         joined = configure(publish_reinforced(params=params, storage_root=storage_root, train=data.outputs["train"],
                                               teacher=teachers.outputs["model"], groups=dsl.Collected(group.output)),
-                           cache=True)
+                           sizes.control, cache=True)
 
-        here = configure(local_gpus(nodes=train_nodes, gpus=train_gpus), cache=False, retry=False)
+        here = configure(local_gpus(nodes=train_nodes, gpus=train_gpus), sizes.control, cache=False, retry=False)
         trained = configure(train(params=params, storage_root=storage_root, run_id=run_id,
                                   data=joined.outputs["reinforced"], nodes=train_nodes, gpus=train_gpus,
-                                  image=image_used, gpu_resource=gpu_resource, memory=train_memory, cpu=train_cpu,
-                                  node_selector=node_selector, tolerations=tolerations, shm_size=shm_size),
-                            cache=False)
+                                  image=image_used, gpu_resource=gpu_resource, node_selector=node_selector,
+                                  tolerations=tolerations, shm_size=shm_size),
+                            sizes.train, cache=False)
         trained.set_accelerator_type(gpu_resource).set_accelerator_limit(here.output).after(here)
-        trained.set_memory_limit(train_memory).set_cpu_limit(train_cpu)
         kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=shm_size)
         kubernetes.add_node_selector_json(trained, node_selector)
         kubernetes.add_toleration_json(trained, tolerations)
 
         exported = configure(export(params=params, storage_root=storage_root, run_id=run_id,
-                                    checkpoint=trained.outputs["checkpoint"]), cache=False)
+                                    checkpoint=trained.outputs["checkpoint"]), sizes.export, cache=False)
         evaluated = configure(evaluate(params=params, storage_root=storage_root, run_id=run_id,
                                        model=exported.outputs["model"], test=data.outputs["test"],
-                                       checkpoint=trained.outputs["checkpoint"]), cache=False)
+                                       checkpoint=trained.outputs["checkpoint"]), sizes.evaluate, cache=False)
         with dsl.If(evaluated.outputs["Output"] == True, name="evaluation-gate"):  # noqa: E712 - a KFP condition
             configure(register(params=params, run_id=run_id, model=exported.outputs["model"],
                                evaluation=evaluated.outputs["report"], checkpoint=trained.outputs["checkpoint"],
                                train=joined.outputs["reinforced"], test=data.outputs["test"]),
-                      cache=False, retry=False)  # a side effect: a retry would register a second version
+                      sizes.registry, cache=False, retry=False)  # a retry would register a second version
 
     return full
 

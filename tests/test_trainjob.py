@@ -242,7 +242,11 @@ def test_trainjob_runs_torchrun_on_the_mounted_params_with_env_by_reference():
     assert refs["MLFLOW_TRACKING_URI"] == {"configMapKeyRef": {"name": "lightclip-mlflow",
                                                                "key": "MLFLOW_TRACKING_URI"}}
     assert refs["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "lightclip-s3"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # required: MLflow refuses anonymous clients
+        assert refs[name] == {"secretKeyRef": {"name": "lightclip-mlflow-auth", "key": name}}
     assert all("value" not in e for e in trainer["env"])  # no literal values, so no secret in the object
+    assert trainer["resourcesPerNode"] == {"requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 4},
+                                           "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 4}}
     assert not {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"} & set(refs)
     (patch,) = body["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -254,6 +258,10 @@ def test_trainjob_runs_torchrun_on_the_mounted_params_with_env_by_reference():
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert container["name"] == "node" and mounts["/dev/shm"] == "dshm" and mounts["/etc/lightclip"] == "params"
     assert mounts["/workspace"] == "workspace"
+    # a read-only root file system: /tmp (also HOME) is the writable place; tests/test_infra.py checks the standard
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {} and container["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 def test_shipped_params_are_the_validated_parameters_with_overrides(tmp_path):
@@ -302,6 +310,8 @@ def cli_args(tmp_path, *extra: str) -> argparse.Namespace:
     (["--set", "train.lr=-1"], "train.lr=-1"),
     (["--set", "train.no_such_key=1"], "train.no_such_key"),
     (["--memory", "lots"], "memory='lots'"),
+    (["--memory", "500m"], "did you mean 500Mi?"),  # milli-bytes, a common slip
+    (["--cpu", "8x"], "cpu='8x'"),
 ])
 def test_bad_input_stops_before_any_api_call_with_one_line(tmp_path, server, capsys, extra, field):
     code = command.run_trainjob(cli_args(tmp_path, *extra), k8s.CustomObjectsApi(server), k8s.CoreV1Api(server))

@@ -42,7 +42,7 @@ def add_trainjob_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default")
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, help=f"training runtime name (default {DEFAULT_RUNTIME})")
     p.add_argument("--runtime-kind", default="TrainingRuntime", choices=RUNTIME_KINDS)
-    p.add_argument("--cpu", default="8", help="CPU request per node")
+    p.add_argument("--cpu", default="8", help="CPU request and limit per node")
     p.add_argument("--memory", default="32Gi", help="memory request and limit per node")
     p.add_argument("--gpu-resource", default="nvidia.com/gpu")
     p.add_argument("--shm-size", default="16Gi", help="size limit of the memory-backed /dev/shm")

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from lightclip_core.config import Config, ConfigError, load_config
+from lightclip_core.resources_config import cpu_cores, memory_bytes
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -27,11 +28,22 @@ NODE_JOB = "node"  # the runtime's replicated job and container that the Trainer
 PARAMS_DIR = "/etc/lightclip"
 PARAMS_FILE = "params.yaml"
 SHM_DIR = "/dev/shm"
+TMP_DIR = "/tmp"  # the only writable place besides the mounts: the root file system is read-only
 WORKSPACE_DIR = "/workspace"
 JOB_LABEL = "lightclip.dev/trainjob"
 MLFLOW_CLIENT_LABEL = "lightclip.dev/mlflow-client"  # the NetworkPolicy in infra/k8s admits pods with it
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet labels every pod with its JobSet (= TrainJob) name
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+# The Pod Security Standard "restricted" (plus a read-only root file system) for the trainer pods: the project images
+# run as uid/gid 1000 (infra/docker). The runtime in infra/k8s/runtime carries the same; the TrainJob patches them in
+# too, so a job on another runtime is held to them as well (tests/test_infra.py checks both against the standard).
+RUN_AS_USER = 1000
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                                        "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                              "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                                              "seccompProfile": {"type": "RuntimeDefault"}}
 
 # Environment of the trainer pods, by reference (the names the pipeline's components use too):
 # variable -> optional? Each variable is read from the key of the same name.
@@ -46,9 +58,9 @@ S3_SECRET_KEYS: dict[str, bool] = {  # optional: a cluster may give S3 access th
     "AWS_ACCESS_KEY_ID": True,
     "AWS_SECRET_ACCESS_KEY": True,
 }
-MLFLOW_AUTH_SECRET_KEYS: dict[str, bool] = {  # optional: a tracking server without authentication needs none
-    "MLFLOW_TRACKING_USERNAME": True,
-    "MLFLOW_TRACKING_PASSWORD": True,
+MLFLOW_AUTH_SECRET_KEYS: dict[str, bool] = {  # required: the tracking server in infra/k8s authenticates every client
+    "MLFLOW_TRACKING_USERNAME": False,
+    "MLFLOW_TRACKING_PASSWORD": False,
 }
 
 
@@ -115,7 +127,6 @@ class TrainJobFailed(LaunchError):
 
 # ------------------------------------------------------------------------------------------------ the spec
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][-+]?[0-9]+)?$")
 _RESOURCE_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
@@ -184,9 +195,12 @@ class TrainJobSpec:
         for name in ("runtime", "mlflow_configmap", "s3_secret", "mlflow_auth_secret"):
             if not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", getattr(self, name) or ""):
                 raise bad(name, "must be a Kubernetes object name")
-        for name in ("cpu", "memory", "shm_size"):
-            if getattr(self, name) is not None and not _QUANTITY.match(str(getattr(self, name))):
-                raise bad(name, "must be a Kubernetes quantity such as 8, 500m, 32Gi")
+        for name, parse in (("cpu", cpu_cores), ("memory", memory_bytes), ("shm_size", memory_bytes)):
+            try:
+                if getattr(self, name) is not None:
+                    parse(str(getattr(self, name)))
+            except ValueError as err:
+                raise bad(name, f"must be a Kubernetes quantity: {err}") from None
         if not _RESOURCE_NAME.match(self.gpu_resource or ""):
             raise bad("gpu_resource", "must be an extended resource name such as nvidia.com/gpu")
         for key, value in self.node_selector.items():
@@ -230,7 +244,7 @@ def _resources(spec: TrainJobSpec) -> dict[str, Any]:
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     if spec.cpu is not None:
-        requests["cpu"] = str(spec.cpu)
+        requests["cpu"] = limits["cpu"] = str(spec.cpu)
     if spec.memory is not None:
         requests["memory"] = limits["memory"] = str(spec.memory)
     if spec.gpus_per_node:
@@ -241,13 +255,15 @@ def _resources(spec: TrainJobSpec) -> dict[str, Any]:
 def _pod_patch(spec: TrainJobSpec) -> dict[str, Any]:
     shm: dict[str, Any] = {"medium": "Memory", **({"sizeLimit": spec.shm_size} if spec.shm_size else {})}
     volumes = [{"name": "params", "configMap": {"name": spec.params_configmap}},
-               {"name": "dshm", "emptyDir": shm}]
+               {"name": "dshm", "emptyDir": shm}, {"name": "tmp", "emptyDir": {}}]
     mounts = [{"name": "params", "mountPath": PARAMS_DIR, "readOnly": True},
-              {"name": "dshm", "mountPath": SHM_DIR}]
+              {"name": "dshm", "mountPath": SHM_DIR}, {"name": "tmp", "mountPath": TMP_DIR}]
     if spec.workspace_pvc:
         volumes.append({"name": "workspace", "persistentVolumeClaim": {"claimName": spec.workspace_pvc}})
         mounts.append({"name": "workspace", "mountPath": WORKSPACE_DIR})
-    pod: dict[str, Any] = {"volumes": volumes, "containers": [{"name": NODE_JOB, "volumeMounts": mounts}]}
+    container = {"name": NODE_JOB, "volumeMounts": mounts, "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
+                 "env": [{"name": "HOME", "value": TMP_DIR}]}  # caches (torch, matplotlib) under the writable /tmp
+    pod: dict[str, Any] = {"securityContext": dict(POD_SECURITY_CONTEXT), "volumes": volumes, "containers": [container]}
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:

@@ -31,8 +31,6 @@ ORCHESTRATION: dict[str, Setting] = {
     "train_nodes": Setting(1, int, "training nodes; more than one goes through a Kubeflow Trainer TrainJob", 1),
     "train_gpus": Setting(1, int, "GPUs per training node (torchrun runs one process per GPU); 0 trains on CPU", 0),
     "gpu_resource": Setting("nvidia.com/gpu", str, "the GPU resource name asked for"),
-    "train_memory": Setting("64Gi", str, "memory limit of the training task"),
-    "train_cpu": Setting("16", str, "CPU limit of the training task"),
     "node_selector": Setting({}, dict, "node selector of the training task, e.g. {\"nvidia.com/gpu.product\": \"H100\"}"),
     "tolerations": Setting([], list, "tolerations of the training task (Kubernetes toleration objects)"),
 }

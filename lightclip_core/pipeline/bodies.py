@@ -141,14 +141,16 @@ def train(params: str, storage_root: str, run_id: str, data: Any, nodes: int, gp
 def train_on_nodes(cfg: Config, run_id: str, data_uri: str, out_uri: str, nodes: int, gpus: int, image: str,
                    placement: dict[str, Any]) -> None:
     """Create the TrainJob (lightclip_core/launch) in this pod's namespace and wait for it; a failed node fails the
-    task with the job's reason."""
+    task with the job's reason. Each node gets the training task's CPU and memory limits (`resources.train`) as its
+    requests and limits."""
     import yaml
 
     from lightclip_core.launch.command import kubernetes_apis
     from lightclip_core.launch.trainjob import TrainJobLauncher, TrainJobSpec
 
     spec = TrainJobSpec(name=f"lightclip-{run_id}"[:40].rstrip("-").lower(), image=image, data=data_uri,
-                        out=out_uri, nodes=nodes, gpus_per_node=gpus, namespace=pod_namespace(), **placement)
+                        out=out_uri, nodes=nodes, gpus_per_node=gpus, namespace=pod_namespace(),
+                        cpu=cfg.resources.train.cpu_limit, memory=cfg.resources.train.memory_limit, **placement)
     spec.check()
     launcher = TrainJobLauncher(*kubernetes_apis())
     submitted = launcher.submit(spec, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
