@@ -139,6 +139,16 @@ def write_stage_metrics(path: str, summary: dict, wall_time_s: float) -> None:
     write_json_atomic(Path(path), {**flat_numbers(summary), "wall_time_s": round(wall_time_s, 3)})
 
 
+def check_metrics_path(path: str) -> None:
+    """`--metrics` names a file that can be written after the stage: not a directory, not under a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--metrics={path!r}: is a directory; expected a JSON file path")
+    parent = next(p for p in target.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--metrics={path!r}: {str(parent)!r} is a file, so the metrics file cannot be created there")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +232,8 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         cfg = load_config(args.params, args.overrides)
+        if getattr(args, "metrics", None):
+            check_metrics_path(args.metrics)
         started = time.perf_counter()
         result = command(cfg, args)
         summary = result if isinstance(result, dict) else result.summary()

@@ -16,8 +16,10 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lightclip_core.infra.augment_params import CAPTION_SAFE_OPS, OpPool, OrderedRange
+from lightclip_core.infra.params_file import load_yaml, read_params_file, yaml_problem
 from lightclip_core.infra.schema import ConfigError, Section, merge
 from lightclip_core.models.config import ImageConfig, ModelConfig, TextConfig
+from lightclip_core.resources_config import ResourcesConfig
 from lightclip_core.teacher_config import CocaTeacherConfig, QualityGateConfig, TeacherConfig, TeacherSpec
 
 __all__ = ["CocaTeacherConfig", "Config", "ConfigError", "ContrastiveObjectiveConfig", "DEFAULT_TEMPLATES",
@@ -42,7 +44,6 @@ class IngestData(Section):
     class_names: str | None = Field(None, description="optional file with one class name per line (imagefolder)")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="fail past this fraction of bad samples")
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestData:
@@ -56,6 +57,7 @@ class DataConfig(Section):
     seed: int = Field(0, ge=0)
     samples_per_shard: int = Field(2000, ge=1)
     image_format: Literal["png", "jpg"] = "png"
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0, description="every stage fails past this bad fraction")
     synthetic: SyntheticData = SyntheticData()
     ingest: IngestData = IngestData()
 
@@ -302,6 +304,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()  # Kubeflow tasks' CPU and memory; read by no stage
 
     def flat(self) -> dict[str, Any]:
         """Parameters flattened to dotted keys, as logged to MLflow."""
@@ -320,9 +323,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A validation error's location as params.yaml spells it: `objectives.mlm.fusion[0].text_layer`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = _dotted(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key (value {first['input']!r}); check the spelling against params.yaml"
@@ -330,7 +338,7 @@ def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
     if not loc or isinstance(value, dict):  # a section-level validator: its message names the fields
         return f"{loc}: {msg}" if loc else msg
     if first["type"] == "missing" and isinstance(first["loc"][-1], int):  # a short tuple such as mean/std
-        parent = ".".join(str(p) for p in first["loc"][:-1])
+        parent = _dotted(first["loc"][:-1])
         return f"{parent}: too few values, {msg.lower()} at index {first['loc'][-1]}"
     return f"{loc}={value!r}: {msg}"
 
@@ -341,18 +349,25 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {p!r} is not a section")
+            raise ConfigError(f"{dotted}: {p!r} is set to the value {node!r}, not a section of keys")
     node[leaf] = value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key.sub=value` strings to a nested dict; values are parsed as YAML scalars."""
+    """`key.sub=value` strings to a nested dict; values are parsed as YAML (scalars, or flow lists and mappings)."""
     tree: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r}: expected key=value")
         key, text = pair.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None)
+        key = key.strip()
+        if not all(key.split(".")):
+            raise ConfigError(f"override {pair!r}: expected a dotted key such as train.lr before '='")
+        try:
+            value = load_yaml(text) if text else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML: {yaml_problem(err, False)}") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -367,15 +382,7 @@ def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[
     """Read params.yaml (if given), apply `key=value` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"params file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"params file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"params file {str(p)!r}: top level must be a mapping, got {type(raw).__name__}")
+        raw = read_params_file(Path(path))
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
     return validate(raw)

@@ -112,6 +112,21 @@ def test_missing_params_file_and_broken_yaml(tmp_path):
         load_config(scalar)
 
 
+def test_strict_loading_keeps_the_forms_params_files_use(tmp_path):
+    """The stricter loader (tests/test_bad_params.py) keeps what params files rely on: PyYAML reads `1e-3` as a
+    string, which is still the float 0.001; an int is a float; a `<<` merge may override the keys it brings; the
+    same key in two different mappings is not a duplicate."""
+    cfg = load_config(ROOT / "params.yaml", ["train.lr=1e-3", "train.epochs=2",
+                                             "objectives.distill.teacher_scales=[1, 2.5]"])
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 2.0 and cfg.objectives.distill.teacher_scales == [1.0, 2.5]
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  seed: 1\ntrain:\n  seed: 2\nteacher:\n  train: &coca {steps: 5, lr: 0.01}\n"
+                      "  second:\n    <<: *coca\n    lr: 0.02\n")
+    cfg = load_config(params)
+    assert (cfg.data.seed, cfg.train.seed) == (1, 2)
+    assert (cfg.teacher.second.steps, cfg.teacher.second.lr, cfg.teacher.train.lr) == (5, 0.02, 0.01)
+
+
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

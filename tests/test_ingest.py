@@ -33,8 +33,8 @@ NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n" + b"this is not a png body" * 4
 
 
 def config(source: str, path: Path, max_skip: float = 0.5, **ingest: Any) -> DataConfig:
-    fields = {"path": str(path), "val_fraction": 0.3, "test_fraction": 0.3, "max_skip_fraction": max_skip, **ingest}
-    return DataConfig(source=source, samples_per_shard=3, ingest=fields)
+    fields = {"path": str(path), "val_fraction": 0.3, "test_fraction": 0.3, **ingest}
+    return DataConfig(source=source, samples_per_shard=3, max_skip_fraction=max_skip, ingest=fields)
 
 
 def read_all(out: Path) -> dict[str, dict[str, Any]]:
@@ -110,7 +110,7 @@ def test_webdataset_past_the_skip_limit_raises_and_publishes_nothing(tar_dir: Pa
         prepare(config("webdataset", tar_dir, max_skip=0.3), out)
     message = str(err.value)
     assert "\n" not in message
-    assert "0.4" in message and "data.ingest.max_skip_fraction=0.3" in message
+    assert "0.4" in message and "data.max_skip_fraction=0.3" in message
     assert not out.exists()
     assert_nothing_published(tmp_path)
 
@@ -173,7 +173,7 @@ def test_coco_images_default_to_the_json_directory(tmp_path: Path) -> None:
 
 def test_coco_past_the_skip_limit(tmp_path: Path) -> None:
     path = write_coco(tmp_path / "coco", tmp_path / "coco")
-    with pytest.raises(DataError, match=r"0\.5714.*data\.ingest\.max_skip_fraction=0\.5"):
+    with pytest.raises(DataError, match=r"0\.5714.*data\.max_skip_fraction=0\.5"):
         prepare(config("coco", path, max_skip=0.5), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -239,6 +239,6 @@ def test_imagefolder_names_file_must_match_the_directories(folder: Path, tmp_pat
 
 
 def test_imagefolder_past_the_skip_limit(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"0\.1429 .*data\.ingest\.max_skip_fraction=0\.1\b"):
+    with pytest.raises(DataError, match=r"0\.1429 .*data\.max_skip_fraction=0\.1\b"):
         prepare(config("imagefolder", folder, max_skip=0.1), tmp_path / "out")
     assert_nothing_published(tmp_path)

@@ -16,7 +16,7 @@ from helpers_tiny import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-                 "lightclip_core", "pyproject.toml"]
+                 "lightclip_core", "pyproject.toml", "data/own/README.md"]
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +80,19 @@ def test_second_repro_is_a_no_op(project):
     out = _run([*dvc, "repro"], repo, env)
     assert "Running stage" not in out
     assert (repo / "artifacts/train/final.pt").stat().st_mtime_ns == before
+
+
+def test_new_own_data_makes_prepare_stale(project):
+    """data/own is a dependency of prepare: a file added there (own data) is seen by DVC, not only a changed path."""
+    repo, env, dvc, _ = project
+    added = repo / "data" / "own" / "extra.tar"
+    added.write_bytes(b"new own data")
+    try:
+        status = json.loads(_run([*dvc, "status", "--json", "prepare"], repo, env))
+        assert {"changed deps": {"data/own": "modified"}} in status["prepare"]
+    finally:
+        added.unlink()
+    assert json.loads(_run([*dvc, "status", "--json", "prepare"], repo, env)) == {}
 
 
 def test_every_stage_logged_an_mlflow_run_with_lineage(project):

@@ -165,7 +165,8 @@ def test_an_undecodable_image_is_skipped_and_counted(base, tmp_path):
 
     write_json_atomic(src / "manifest.json", {**manifest, "num_samples": 8, "shards": [
         {"url": "train-000000.tar", "num_samples": 8, "sha256": sha256_file(src / "train-000000.tar")}]})
-    result = reinforce(config(), src, tmp_path / "out", base / "teacher")
+    cfg = config(data={**TINY["data"], "max_skip_fraction": 0.2})  # 1 of 8: above the default 1%
+    result = reinforce(cfg, src, tmp_path / "out", base / "teacher")
     assert result.skipped == {"undecodable_image": 1} and result.samples == 7
     assert read_manifest(tmp_path / "out")["skipped"]["undecodable_image"] == 1
     assert read_manifest(tmp_path / "out")["num_samples"] == 7

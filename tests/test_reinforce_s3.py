@@ -12,6 +12,7 @@ from test_reinforce import (TINY, base, config,  # noqa: F401  (the module-scope
 
 from lightclip_core.data.reinforced import decode_reinforcement
 from lightclip_core.data.shards import iter_raw_samples, read_manifest, shard_paths
+from lightclip_core.data.skips import DataError
 from lightclip_core.infra import storage
 from lightclip_core.reinforce.reinforcement import publish_reinforced, reinforce
 
@@ -96,7 +97,7 @@ def test_a_join_without_reinforced_shards_and_a_changed_source_shard_are_errors(
     with pytest.raises(FileNotFoundError, match="no shard of s3://.* is reinforced"):
         publish_reinforced(cfg, src, out, teacher)
     storage.write_bytes_atomic(storage.join(src, "train-000002.tar"), b"not the shard of the manifest")
-    with pytest.raises(ValueError, match="train-000002.tar: sha256 does not match"):
+    with pytest.raises(DataError, match="truncated_shard=8.*train-000002.tar"):  # its 8 samples lost: past the limit
         reinforce(cfg, src, out, teacher, shard_range=range(2, 3), cache_dir=tmp_path / "cache", publish=False)
     assert storage.list_files(out) == []
     with pytest.raises(FileNotFoundError, match="no manifest.json in s3://"):

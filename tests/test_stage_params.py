@@ -58,9 +58,12 @@ def test_lineage_collapses_a_section_whose_every_field_is_read() -> None:
 # The teacher locations moved once on purpose too: the stage measures its teachers' quality (it reads
 # evaluate.templates and the caption-sampling keys) and teacher sections have new fields (baef3fb9fccda3ac and
 # bb21bb49d5379fcd before), which moves reinforce again (d8e30be8c23977c6 and 066111f28378ae9f before).
+# All three moved once more on purpose with issue #18: data.ingest.max_skip_fraction became data.max_skip_fraction, the
+# one limit of every stage that reads samples (prepare e4f82c2f5102a48b / e4eead3306cbb9fc, teacher bd9ef83ea2bd5f38 /
+# 7d4661f91456c295, reinforce 7d35c3695d4dbb45 / 05a0e4bf9287436a before, default / tiny).
 BEFORE = {
-    "default": {"prepare": "e4f82c2f5102a48b", "teacher": "bd9ef83ea2bd5f38", "reinforce": "7d35c3695d4dbb45"},
-    "tiny": {"prepare": "e4eead3306cbb9fc", "teacher": "7d4661f91456c295", "reinforce": "05a0e4bf9287436a"},
+    "default": {"prepare": "04fb48a12a8cb62c", "teacher": "ebc181e9ab809ff7", "reinforce": "497bd65fa39f7856"},
+    "tiny": {"prepare": "2392c39365c06cd3", "teacher": "04f95728f823ea48", "reinforce": "d40a000c39c65591"},
 }
 
 

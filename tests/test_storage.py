@@ -385,3 +385,87 @@ def test_dvc_push_and_pull_through_an_s3_remote(bucket, s3_env, tmp_path):
     data.unlink()
     run(dvc, "pull")
     assert storage.sha256_file(data) == expected
+
+
+# ------------------------------------------------------------------------------------------ interrupted writes
+_WRITER = """
+import sys, time
+from lightclip_core.infra.storage import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a shard")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def _writer_in_flight(final: Path) -> tuple[subprocess.Popen, Path]:
+    """A process inside `atomic_path(final)`, with half its file written; returns it and its temporary file."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(final)], stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_sweep_removes_what_killed_writers_left_and_nothing_else(tmp_path, caplog):
+    out = tmp_path / "out"
+    killed, orphan = _writer_in_flight(out / "train" / "train-000001.tar")
+    killed.kill()  # SIGKILL: atomic_path's cleanup never runs
+    killed.wait()
+    alive, in_flight = _writer_in_flight(out / "train" / "train-000002.tar")  # another worker, still writing
+    try:
+        assert orphan.name.startswith(".train-000001.tar.") and orphan.name.endswith(".tmp") and orphan.exists()
+        others = [out / "train" / n for n in ("train-000000.tar", "notes.tmp", ".hidden.tmp", ".x.tar.abc.tmp",
+                                              ".x.tar.ABCDEFGH.tmp")]
+        for path in others:
+            path.write_bytes(b"not ours to remove")
+        with caplog.at_level(logging.INFO, logger="lightclip_core.infra.storage"):
+            assert storage.sweep_stale_tmp(out) == [orphan]
+        assert not orphan.exists() and in_flight.exists() and all(p.exists() for p in others)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"removed 1 temporary file(s) that interrupted writes left under {out}"]
+        assert storage.sweep_stale_tmp(out) == []  # nothing left to remove: no line
+        assert len(caplog.records) == 1
+    finally:
+        alive.kill()
+        alive.wait()
+    assert storage.sweep_stale_tmp(out) == [in_flight]  # once its writer is gone
+    assert storage.sweep_stale_tmp(tmp_path / "absent") == [] and storage.sweep_stale_tmp("s3://bucket/out") == []
+
+
+def test_a_finished_write_leaves_no_temporary_file_and_keeps_its_mode(tmp_path):
+    storage.write_bytes_atomic(tmp_path / "a.bin", b"x")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == storage._FILE_MODE
+
+
+def test_a_stage_sweeps_its_output_before_it_writes(tmp_path):
+    from lightclip_core.config import Config
+    from lightclip_core.stages import run_prepare
+
+    out = tmp_path / "data"
+    killed, orphan = _writer_in_flight(out / "train" / "train-000000.tar")
+    killed.kill()
+    killed.wait()
+    cfg = Config.model_validate({"tracking": {"enabled": False}, "data": {"samples_per_shard": 8, "synthetic": {
+        "num_train": 8, "num_val": 4, "num_test": 4, "image_size": 16}}})
+    run_prepare(cfg=cfg, out=out)
+    assert not orphan.exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("https://bob:s3cret@mlflow.example.com:5000/base", "https://***@mlflow.example.com:5000/base"),
+    ("http://token@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("s3://bucket/key@1.tar", "s3://bucket/key@1.tar"),
+    ("https://b.s3.example.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12",
+     "https://b.s3.example.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("https://host/x?sig=abc&sv=2024&access_token=t0k#top", "https://host/x?sig=***&sv=2024&access_token=***#top"),
+    ("API request to http://u:p4ss@h:1/api/2.0/mlflow/runs/get failed (R@1 at http://h/a@b)",
+     "API request to http://***@h:1/api/2.0/mlflow/runs/get failed (R@1 at http://h/a@b)"),
+])
+def test_credentials_in_uris_are_masked_in_text(text, shown):
+    assert storage.redact_uri(text) == shown

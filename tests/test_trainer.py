@@ -74,7 +74,10 @@ def test_checkpoints_are_kept_pruned_checksummed_and_load_with_weights_only(tiny
     assert state["world_size"] == 1 and state["samples_seen"] == 6 * 32
     [rank] = state["ranks"]
     assert set(rank["rng"]) == {"python", "numpy", "torch", "cuda"}
-    assert rank["data"] == {"epoch": 0, "batches": 6, "worker_batches": [6], "next_worker": 0, "samples": 6 * 32}
+    skips = rank["data"].pop("skips")  # what the rank skipped (none here) travels with its position
+    assert rank["data"] == {"epoch": 0, "batches": 6, "worker_batches": [6], "next_worker": 0, "samples": 6 * 32,
+                            "worker_skipped": [0]}
+    assert skips["skipped"] == {} and skips["seen"] >= 6 * 32
     final = load_checkpoint(result.final_checkpoint)
     assert final["step"] == 8 and final["model_config"] == cfg.model.model_dump(mode="json")
     manifest = read_manifest(train_dir)  # the weights carry what they were trained on, for every later report

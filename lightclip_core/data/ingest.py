@@ -3,7 +3,8 @@
 Each source yields ``(split, Sample)`` pairs. Image bytes are kept as they were encoded (only formats that the
 shard readers cannot open are converted, losslessly, to PNG); the extension follows the real format, not the
 file name. A sample whose image does not decode fully, or that has no non-blank caption, is skipped and counted
-per reason; :meth:`SkipTally.check` fails the run past ``data.ingest.max_skip_fraction``. The split of a sample
+per reason, as is a damaged tar (skips.py); :meth:`SkipTally.check` fails the run past ``data.max_skip_fraction``.
+The split of a sample
 is a hash of its source identity (tar key, image id, relative path), so it is stable across runs and seeds and
 an image never moves between train and test when the data grows.
 """
@@ -14,8 +15,8 @@ import io
 import json
 import logging
 import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +24,7 @@ from PIL import Image
 
 from lightclip_core.config import DEFAULT_TEMPLATES, DataConfig
 from lightclip_core.data.shards import Sample, iter_raw_samples
+from lightclip_core.data.skips import DataError, SkipTally  # DataError's old home: still importable from here
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,6 @@ _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _MAX_KEY_CHARS = 80  # keeps "<key>.<ext>" inside the 100-byte name field of a USTAR tar header
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 IMAGEFOLDER_CAPTION = "a photo of a {}."
-
-
-class DataError(ValueError):
-    """The input data is unusable (too many bad samples, nothing found, inconsistent class names)."""
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -95,43 +93,6 @@ def clean_caption(text: Any) -> str:
 
 
 @dataclass
-class SkipTally:
-    """Seen and skipped sample counts, per split and reason."""
-
-    seen: int = 0
-    by_split: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
-
-    def skip(self, split: str, reason: str) -> None:
-        self.by_split[split][reason] += 1
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for counts in self.by_split.values():
-            total.update(counts)
-        return dict(sorted(total.items()))
-
-    def split_skipped(self, split: str) -> dict[str, int]:
-        return dict(sorted(self.by_split[split].items()))
-
-    def check(self, max_fraction: float, source: str) -> None:
-        """Log the counts; raise DataError if nothing was found or too large a fraction was skipped."""
-        if self.seen == 0:
-            raise DataError(f"{source}: no samples found; check data.ingest.path")
-        skipped = self.skipped
-        n_skipped = sum(skipped.values())
-        fraction = n_skipped / self.seen
-        reasons = ", ".join(f"{reason}={count}" for reason, count in skipped.items()) or "none"
-        if n_skipped:
-            log.warning("%s: skipped %d of %d samples (%s)", source, n_skipped, self.seen, reasons)
-        else:
-            log.info("%s: all %d samples usable", source, self.seen)
-        if fraction > max_fraction:
-            raise DataError(f"{source}: skipped fraction {fraction:.4g} ({n_skipped} of {self.seen}: {reasons}) "
-                            f"exceeds data.ingest.max_skip_fraction={max_fraction}")
-
-
-@dataclass
 class Source:
     """A source opened for ingestion. `samples` is lazy and fills `tally` as it goes."""
 
@@ -151,23 +112,23 @@ class _Router:
         self.tally = tally
         self.keys = KeyRegistry()
 
-    def admit(self, identity: str) -> str:
-        """Count one more input sample and return its split."""
-        self.tally.seen += 1
+    def admit(self, identity: str, count: bool = True) -> str:
+        """Count one more input sample (unless its reader counted it) and return its split."""
+        self.tally.seen += count
         return assign_split(identity, self.val_fraction, self.test_fraction)
 
     def sample(self, split: str, identity: str, image: bytes | None, captions: list[str],
                meta: dict[str, Any]) -> Sample | None:
         """The sample, or None after counting why it is skipped. Captions are checked first: they are cheap."""
         if not captions:
-            self.tally.skip(split, "empty_caption")
+            self.tally.skip("empty_caption", split=split)
             return None
         if image is None:
-            self.tally.skip(split, "missing_image")
+            self.tally.skip("missing_image", split=split)
             return None
         checked = checked_image(image)
         if checked is None:
-            self.tally.skip(split, "undecodable_image")
+            self.tally.skip("undecodable_image", split=split, detail=f"{identity}: the image does not decode")
             return None
         data, ext = checked
         meta = {**meta, "captions": captions}
@@ -200,15 +161,17 @@ def _raw_meta(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _webdataset_samples(files: list[Path], router: _Router) -> Iterator[tuple[str, Sample]]:
-    for raw in iter_raw_samples(str(f) for f in files):
+    # the reader counts every sample it finds (and the damage of a cut or garbled tar, whose lost samples have no
+    # split); members are checked here, per split
+    for raw in iter_raw_samples((str(f) for f in files), router.tally, require=()):
         identity = raw["__key__"]
-        split = router.admit(identity)
+        split = router.admit(identity, count=False)
         if "txt" not in raw:
-            router.tally.skip(split, "missing_caption")
+            router.tally.skip("missing_caption", split=split)
             continue
         text = _raw_caption(raw)
         if text is None:
-            router.tally.skip(split, "undecodable_caption")
+            router.tally.skip("undecodable_caption", split=split)
             continue
         caption = clean_caption(text)
         image = next((raw[k] for k in _RAW_IMAGE_KEYS if k in raw), None)
@@ -259,7 +222,7 @@ def _coco_samples(images: list[dict[str, Any]], captions_by_id: dict[Any, list[A
         raw_captions = captions_by_id.get(entry["id"], [])
         captions = [c for c in (clean_caption(r) for r in raw_captions) if c]
         if not raw_captions:
-            router.tally.skip(split, "missing_caption")
+            router.tally.skip("missing_caption", split=split)
             continue
         dropped += len(raw_captions) - len(captions) if captions else 0
         file_name = entry.get("file_name")

@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,19 +18,24 @@ from tqdm import tqdm
 from lightclip_core.config import DataConfig
 from lightclip_core.data import ingest, synthetic
 from lightclip_core.data.shards import ShardSetWriter
+from lightclip_core.data.skips import SkipTally
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+OWN_DATA = Path("data/own")  # where own data lives in this repository: dvc.yaml's prepare stage depends on it
 
 
 @dataclass
 class PrepareResult:
-    """Where the splits are, how many samples each holds, and how many input samples were skipped (by reason)."""
+    """Where the splits are, how many samples each holds, how many input samples were skipped (by reason) and how
+    many input tars were damaged (by event); `skip_metrics` has both, and the total, as metrics (skips.py)."""
 
     out_dir: Path
     counts: dict[str, int]
     skipped: dict[str, int]
+    damaged_shards: dict[str, int] = field(default_factory=dict)
+    skip_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PrepareResult:
@@ -41,14 +46,15 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PrepareResult:
     build = _fresh_sibling(out_dir, "build")
     try:
         if cfg.source == "synthetic":
-            counts, skipped = _build_synthetic(cfg, build)
+            counts, tally = _build_synthetic(cfg, build)
         else:
-            counts, skipped = _build_ingested(cfg, build)
+            counts, tally = _build_ingested(cfg, build)
         swap_in(build, out_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     log.info("prepared %s in %s: %s", cfg.source, out_dir, ", ".join(f"{s}={n}" for s, n in counts.items()))
-    return PrepareResult(out_dir=out_dir, counts=counts, skipped=skipped)
+    return PrepareResult(out_dir=out_dir, counts=counts, skipped=tally.skipped,
+                         damaged_shards=dict(sorted(tally.shards.items())), skip_metrics=tally.metrics())
 
 
 def check_replaceable(out_dir: Path) -> None:
@@ -108,18 +114,30 @@ def _close_all(cfg: DataConfig, writers: dict[str, ShardSetWriter], tasks: dict[
     return {split: m["num_samples"] for split, m in manifests.items()}
 
 
-def _build_synthetic(cfg: DataConfig, build: Path) -> tuple[dict[str, int], dict[str, int]]:
+def _build_synthetic(cfg: DataConfig, build: Path) -> tuple[dict[str, int], SkipTally]:
     writers = _writers(cfg, build)
     total = sum(synthetic.split_sizes(cfg).values())
     _write_all(synthetic.iter_synthetic(cfg), writers, total, "synthetic")
-    return _close_all(cfg, writers, synthetic.synthetic_tasks(), {}), {}
+    return _close_all(cfg, writers, synthetic.synthetic_tasks(), {}), SkipTally(seen=total)
 
 
-def _build_ingested(cfg: DataConfig, build: Path) -> tuple[dict[str, int], dict[str, int]]:
+def _warn_untracked(cfg: DataConfig) -> None:
+    """In the DVC project (a dvc.yaml here), say when an input lies outside data/own: `dvc repro` cannot see it."""
+    if not Path("dvc.yaml").is_file():
+        return
+    for name in ("path", "images_dir", "class_names"):
+        value = getattr(cfg.ingest, name)
+        if value and not Path(value).resolve().is_relative_to(OWN_DATA.resolve()):
+            log.warning("data.ingest.%s=%r is outside %s, the directory dvc.yaml's prepare stage depends on: "
+                        "`dvc repro` will not notice when it changes", name, value, OWN_DATA)
+
+
+def _build_ingested(cfg: DataConfig, build: Path) -> tuple[dict[str, int], SkipTally]:
+    _warn_untracked(cfg)
     source = ingest.open_source(cfg)
     writers = _writers(cfg, build)
     _write_all(source.samples, writers, source.total, cfg.source)
     # before any manifest exists: a failed check publishes nothing
-    source.tally.check(cfg.ingest.max_skip_fraction, source.name)
+    source.tally.check(cfg.max_skip_fraction, source.name, "no samples found; check data.ingest.path")
     per_split = {split: source.tally.split_skipped(split) for split in SPLITS}
-    return _close_all(cfg, writers, source.tasks, per_split), source.tally.skipped
+    return _close_all(cfg, writers, source.tasks, per_split), source.tally

@@ -24,14 +24,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lightclip_core.data.skips import SampleError
+
 REINFORCEMENT_KEYS = ("paug.json", "syn.json", "npz")
 EMBEDDING_MEMBERS = ("npz", "pth.gz")
 _SYN_KEY = re.compile(r"^syn_text.*$")
 _N_GT = 1  # ground-truth caption rows in text_emb
 
 
-class ReinforcementError(ValueError):
-    """A reinforced sample is missing a field, has inconsistent shapes, or cannot be decoded."""
+class ReinforcementError(SampleError):
+    """A reinforced sample is missing a field, has inconsistent shapes, or cannot be decoded (a `bad_reinforcement`
+    skip where samples are read)."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_reinforcement", message)
 
 
 @dataclass

@@ -3,25 +3,38 @@
 A dataset directory holds `<split>-NNNNNN.tar` shards and `manifest.json`:
 ``{"schema_version", "split", "num_samples", "shards": [{"url", "num_samples", "sha256"}], "params",
 "tasks": {name: {"label_key", "classes"}}, "skipped"}``. Shard URLs are relative to the manifest's directory,
-so a dataset can be moved or cached by DVC as a whole. Shards are written under a temporary name and renamed;
-the manifest is written last, so a reader that trusts the manifest never sees a partial dataset.
+so a dataset can be moved or cached by DVC as a whole, and a URL that leaves the directory (`..`, an absolute path, a
+symlink to a file outside it) is refused. Shards are written under a temporary name and renamed; the manifest is
+written last, so a reader that trusts the manifest never sees a partial dataset.
+
+Reading (reader.py) never stops on bad data (a cut or garbled tar, a sample without its image, an image that does not
+decode): it is skipped and counted per reason in a `SkipTally` (skips.py), which each stage holds to
+`data.max_skip_fraction`. A shard's sha256 is checked against its manifest once per process; a shard that differs
+has every sample validated.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
 import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import webdataset as wds
 
-from lightclip_core.infra.storage import atomic_path, join, read_versioned_json, sha256_file, write_json_atomic
+from lightclip_core.data.reader import (CHECKSUMS, IMAGE_EXTS, REQUIRED_MEMBERS, ShardRef, decode_caption,
+                                        decode_image, decode_meta, decoded, iter_raw_samples, validate_sample)
+from lightclip_core.data.skips import DataError, SampleError, SkipTally
+from lightclip_core.infra.storage import atomic_path, is_s3, join, read_versioned_json, sha256_file, write_json_atomic
+
+# the reading side lives in reader.py; its names are this module's too, where the stages import them from
+__all__ = ["CHECKSUMS", "IMAGE_EXTS", "MANIFEST", "REQUIRED_MEMBERS", "SCHEMA_VERSION", "Sample", "ShardRef",
+           "ShardSetWriter", "ShardStream", "check_shard_url", "decode_caption", "decode_image", "decode_meta",
+           "decoded", "describe_dataset", "iter_raw_samples", "read_manifest", "shard_paths", "shard_refs",
+           "validate_sample", "verify_shards"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -90,8 +103,12 @@ class ShardSetWriter:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    return read_versioned_json(join(str(dataset_dir), MANIFEST), "schema_version", SCHEMA_VERSION,
-                               "run `lightclip prepare` first")
+    """The manifest of a dataset directory or prefix; a shard URL that would leave the dataset is a DataError."""
+    path = join(str(dataset_dir), MANIFEST)
+    manifest = read_versioned_json(path, "schema_version", SCHEMA_VERSION, "run `lightclip prepare` first")
+    for shard in manifest.get("shards", []):
+        check_shard_url(shard.get("url") if isinstance(shard, dict) else shard, path)
+    return manifest
 
 
 def describe_dataset(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -105,50 +122,44 @@ def describe_dataset(manifest: dict[str, Any]) -> dict[str, Any]:
             "reinforced": "reinforcement" in manifest, "shards_sha256": digest}
 
 
-def shard_paths(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:
+def check_shard_url(url: Any, where: str | os.PathLike) -> str:
+    """`url` if it is a relative path below the manifest's directory (or prefix): no `..`, no absolute path, no
+    scheme, no backslash; else a DataError naming the manifest. The same rule keeps local paths and S3 keys inside."""
+    if (not isinstance(url, str) or not url or url.startswith("/") or "\\" in url or "\x00" in url or ":" in url
+            or any(part in ("", ".", "..") for part in url.split("/"))):
+        raise DataError(f"{where}: shard url {url!r} is not a relative path inside the dataset; refusing to read or "
+                        "write outside it")
+    return url
+
+
+def shard_refs(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[ShardRef]:
+    """The shards of a dataset, confined to it: a URL outside the directory, or a local shard that is a symlink to
+    a file outside it, is a DataError."""
     manifest = manifest or read_manifest(dataset_dir)
-    return [str(Path(dataset_dir) / s["url"]) for s in manifest["shards"]]
+    where = join(str(dataset_dir), MANIFEST)
+    refs = []
+    root = None if is_s3(dataset_dir) else Path(dataset_dir).resolve()
+    for shard in manifest["shards"]:
+        url = check_shard_url(shard.get("url"), where)
+        path = join(str(dataset_dir), url)
+        if root is not None and not Path(path).resolve().is_relative_to(root):
+            raise DataError(f"{where}: shard {url!r} resolves to {Path(path).resolve()}, outside the dataset "
+                            f"directory {root}; refusing to read it")
+        refs.append(ShardRef(path, shard.get("num_samples"), shard.get("sha256")))
+    return refs
+
+
+def shard_paths(dataset_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> list[str]:
+    return [ref.path for ref in shard_refs(dataset_dir, manifest)]
 
 
 def verify_shards(dataset_dir: str | os.PathLike) -> None:
     """Raise if any shard is missing or its sha256 differs from the manifest."""
-    manifest = read_manifest(dataset_dir)
-    for shard in manifest["shards"]:
-        path = Path(dataset_dir) / shard["url"]
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
-        if sha256_file(path) != shard["sha256"]:
-            raise ValueError(f"shard {path}: sha256 does not match the manifest")
-
-
-def iter_raw_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Raw WebDataset samples (bytes per extension) from tar files, in order, without boundary markers."""
-    urls = list(urls)
-    if not urls:  # an empty split, or a DataLoader worker beyond the shard count; SimpleShardList rejects []
-        return
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        if sample.get("__key__"):  # webdataset 1.0.x yields an empty dict at every shard boundary
-            yield sample
-
-
-def decode_image(raw: dict[str, Any]):
-    """The PIL image of a raw sample (`jpg`, `jpeg`, `png` or `webp`), converted to RGB."""
-    from PIL import Image
-
-    for ext in ("jpg", "jpeg", "png", "webp"):
-        if ext in raw:
-            with Image.open(io.BytesIO(raw[ext])) as im:
-                return im.convert("RGB")
-    raise KeyError(f"sample {raw.get('__key__')!r} has no image (keys: {sorted(raw)})")
-
-
-def decode_caption(raw: dict[str, Any]) -> str:
-    """The caption (`txt`) of a raw sample as text."""
-    return raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
-
-
-def decode_meta(raw: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(raw["json"]) if "json" in raw else {}
+    for ref in shard_refs(dataset_dir):
+        if not Path(ref.path).is_file():
+            raise FileNotFoundError(f"shard {ref.path} listed in the manifest is missing")
+        if sha256_file(ref.path) != ref.sha256:
+            raise ValueError(f"shard {ref.path}: sha256 does not match the manifest")
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -159,15 +170,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     (`sizes`, the shards' sample counts, are then needed). Rank r of a data-parallel job takes every `world_size`-th
     shard of that order and each of its DataLoader workers every n-th shard of the rank's, so a sample is read once
     per epoch across all ranks and workers (resampled epochs may draw a shard twice). A per-worker buffer shuffles
-    raw samples; `decode(raw) -> item` runs inside the worker, after the shuffle. For the same seed, epoch, world
-    size and worker count the order is the same on every run.
+    raw samples; `decode(raw) -> item` runs inside the worker, after the shuffle, and a sample it refuses
+    (SampleError) is skipped and counted in `tally`, as the reader counts damaged shards. For the same seed, epoch,
+    world size and worker count the order is the same on every run.
 
     Resuming mid-epoch: `skip[w]` raw samples are dropped (before decoding) from the start of logical worker w's
     stream, and DataLoader worker i plays logical worker (i + `worker_offset`) % n, so that a DataLoader, which asks
     its workers in turn starting from worker 0, continues with the worker whose turn it was.
     """
 
-    def __init__(self, urls: list[str], decode: Callable[[dict[str, Any]], Any], seed: int = 0,
+    def __init__(self, urls: list[str | ShardRef], decode: Callable[[dict[str, Any]], Any], seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
                  sizes: list[int] | None = None, samples_per_epoch: int | None = None):
         super().__init__()
@@ -186,6 +198,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.skip: dict[int, int] = {}
         self.worker_offset = 0
+        self.tally = SkipTally()  # what this process's iterations skipped (a DataLoader worker fills its own copy)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -217,19 +230,31 @@ class ShardStream(torch.utils.data.IterableDataset):
         logical = (worker + self.worker_offset) % workers
         return self.split(self.epoch, workers)[self.rank][logical], logical
 
-    def _emit(self, worker: int, item: Any) -> Any:
-        """What the stream yields for a decoded sample of (logical) `worker`; subclasses may tag it."""
+    def _emit(self, worker: int, item: Any, consumed: int, counted: list[int]) -> Any:
+        """What the stream yields for a decoded sample of (logical) `worker`; subclasses may tag it with `consumed`
+        (raw samples of the worker's epoch read so far, the resume position) and `counted` (the tally's counts
+        since this iteration began, `SkipTally.vector()`)."""
         return item
 
     def __iter__(self) -> Iterator[Any]:
         urls, worker = self._my_urls()
-        samples = iter_raw_samples(urls)
+        samples = iter_raw_samples(urls, self.tally)
         if self.shuffle and self.shuffle_buffer > 1:
             # webdataset's shuffle draws only from the rng it is given, so the order is a function of the seed;
             # initial=bufsize fills the buffer before the first pick, which mixes the start as well as the rest.
             key = f"{self.seed}/{self.epoch}/{worker}" if self.world_size == 1 else \
                 f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(key))(samples)
-        samples = itertools.islice(samples, self.skip.get(worker, 0), None)  # resume: skip before decoding
-        for raw in samples:
-            yield self._emit(worker, self.decode(raw))
+        skip = self.skip.get(worker, 0)
+        # counts are reported from the resume point on: what was counted before it is in the resumed position
+        base = self.tally.vector()
+        for index, raw in enumerate(samples):
+            if index < skip:  # resume: skip before decoding
+                base = self.tally.vector()
+                continue
+            try:
+                item = self.decode(raw)
+            except SampleError as err:  # one bad sample never stops a stream: skipped, counted
+                self.tally.skip(err.reason, detail=f"sample {raw.get('__key__')!r} of {raw.get('__url__')}: {err}")
+                continue
+            yield self._emit(worker, item, index + 1, [a - b for a, b in zip(self.tally.vector(), base)])

@@ -19,8 +19,9 @@ import torch
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.caption_attributes import parse_caption, true_attributes
-from lightclip_core.data.shards import (decode_image, decode_meta, describe_dataset, iter_raw_samples, read_manifest,
-                                        shard_paths)
+from lightclip_core.data.shards import (decode_caption, decode_image, decode_meta, decoded, describe_dataset,
+                                        iter_raw_samples, read_manifest, shard_refs)
+from lightclip_core.data.skips import DataError, SampleError, SkipTally
 from lightclip_core.evaluate import plots
 from lightclip_core.evaluate.report import (ATTRIBUTE, ORACLE, RETRIEVAL_DEFINITIONS, STRICT, TEXT_EQUIVALENT,
                                             ReportInputs, write_report)
@@ -49,6 +50,7 @@ class EvalResult:
     per_class_path: Path
     plots: dict[str, Path] = field(default_factory=dict)
     report: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, float] = field(default_factory=dict)  # SkipTally.metrics() of the test split's bad samples
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TestEmbeddings:
     caption_texts: list[str]  # [M] the captions themselves
     labels: dict[str, torch.Tensor]  # task -> [N] class indices
     image_meta: list[dict[str, Any]] = field(default_factory=list)  # [N] each image's sample metadata
+    skips: SkipTally = field(default_factory=SkipTally)  # the test samples skipped, and why
 
 
 def select_tasks(manifest: dict[str, Any], requested: list[str] | None, test_dir: str | os.PathLike) -> dict:
@@ -79,14 +82,14 @@ def _captions_of(raw: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     captions = meta.get("captions")
     if captions:
         return [str(c) for c in captions]
-    text = raw.get("txt", b"")
-    return [text.decode("utf-8") if isinstance(text, bytes) else str(text)]
+    return [decode_caption(raw)]
 
 
 def _class_index(meta: dict[str, Any], key: str, task: str, spec: dict[str, Any], index: dict[str, int]) -> int:
     value = meta.get(spec["label_key"])
     if value not in index:
-        raise ValueError(f"test sample {key!r}: {spec['label_key']}={value!r} is not a class of task {task!r}")
+        raise SampleError("bad_metadata", f"test sample {key!r}: {spec['label_key']}={value!r} is not a class of "
+                                          f"task {task!r}")
     return index[value]
 
 
@@ -102,27 +105,37 @@ def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifes
     owners: list[int] = []
     labels: dict[str, list[int]] = {task: [] for task in tasks}
     metas: list[dict[str, Any]] = []
-    for n, raw in enumerate(iter_raw_samples(shard_paths(test_dir, manifest))):
+    tally = SkipTally()
+
+    def decode(raw: dict[str, Any]) -> tuple[dict[str, Any], Any, list[str], dict[str, int]]:
         meta = decode_meta(raw)
+        sample_labels = {task: _class_index(meta, raw["__key__"], task, spec, class_index[task])
+                         for task, spec in tasks.items()}
+        return meta, decode_image(raw), _captions_of(raw, meta), sample_labels
+
+    samples = decoded(iter_raw_samples(shard_refs(test_dir, manifest), tally), decode, tally)
+    for n, (meta, image, sample_captions, sample_labels) in enumerate(samples):
         metas.append(meta)
-        pending.append(exported.preprocess(decode_image(raw)))
+        pending.append(exported.preprocess(image))
         if len(pending) == batch_size:
             image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
             pending = []
-        sample_captions = _captions_of(raw, meta)
         captions += sample_captions
         owners += [n] * len(sample_captions)
-        for task, spec in tasks.items():
-            labels[task].append(_class_index(meta, raw["__key__"], task, spec, class_index[task]))
+        for task in tasks:
+            labels[task].append(sample_labels[task])
     if pending:
         image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
     if not image_chunks:
+        if tally.seen:
+            raise DataError(f"test split {str(test_dir)!r}: no usable sample, {tally.total_skipped} of {tally.seen} "
+                            f"skipped ({tally.describe()})")
         raise ValueError(f"test split {str(test_dir)!r} has no samples")
     text_chunks = [model.encode_text(exported.tokenize(captions[i:i + batch_size]).to(device)).cpu()
                    for i in range(0, len(captions), batch_size)]
     return TestEmbeddings(images=torch.cat(image_chunks), captions=torch.cat(text_chunks),
                           caption_owner=torch.tensor(owners), caption_texts=captions,
-                          labels={t: torch.tensor(v) for t, v in labels.items()}, image_meta=metas)
+                          labels={t: torch.tensor(v) for t, v in labels.items()}, image_meta=metas, skips=tally)
 
 
 def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec: dict[str, Any],
@@ -138,9 +151,11 @@ def similarity_pairs(exported: ExportedModel, test_dir: str | os.PathLike, manif
     """The first `count` test images, the first caption of each, and their cosine similarity [caption, image]."""
     model, device = exported.model, next(exported.model.parameters()).device
     images, captions = [], []
-    for raw in iter_raw_samples(shard_paths(test_dir, manifest)):
-        images.append(decode_image(raw))
-        captions.append(_captions_of(raw, decode_meta(raw))[0])
+    tally = SkipTally()  # the same samples embed_test_set counted
+    for image, caption in decoded(iter_raw_samples(shard_refs(test_dir, manifest), tally),
+                                  lambda raw: (decode_image(raw), _captions_of(raw, decode_meta(raw))[0]), tally):
+        images.append(image)
+        captions.append(caption)
         if len(images) == count:
             break
     image_emb = model.encode_image(torch.stack([exported.preprocess(im) for im in images]).to(device)).cpu()
@@ -203,6 +218,7 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     exported = load_exported(export_dir, device=device)
     emb = embed_test_set(exported, test_dir, manifest, tasks, cfg.evaluate.batch_size)
+    emb.skips.check(cfg.data.max_skip_fraction, f"evaluate --data {test_dir}")  # before anything is written
 
     metrics: dict[str, float] = {"num_test_samples": len(emb.images)}
     per_class: dict[str, Any] = {}
@@ -243,4 +259,4 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     ), out_dir, "LightCLIP evaluation report")
     log.info("evaluated %d test samples: %s", len(emb.images), metrics)
     return EvalResult(metrics=metrics, metrics_path=out_dir / METRICS_FILE, per_class_path=out_dir / PER_CLASS_FILE,
-                      plots=plot_paths, report=report)
+                      plots=plot_paths, report=report, skipped=emb.skips.metrics())

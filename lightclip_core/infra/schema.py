@@ -1,19 +1,45 @@
 """The base of every parameter section: strict pydantic models and the one error a bad parameter raises."""
 from __future__ import annotations
 
-from typing import Any
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A parameter is invalid. The message is one line: field, value, what is allowed."""
 
 
-class Section(BaseModel):
-    """A section of params.yaml: unknown keys are errors, assignments are validated."""
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The scalar types a field's annotation takes, through Annotated, unions (Optional), lists and tuples."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, tuple):
+        return set().union(*(_leaf_types(a) for a in get_args(annotation) if a not in (type(None), Ellipsis)))
+    return {annotation}
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
+
+
+class Section(BaseModel):
+    """A section of params.yaml: unknown keys are errors, assignments are validated, every float is finite (no field
+    means anything by inf or nan; an optional bound or gate is switched off by null), and a field of numbers takes
+    no booleans (pydantic would read `true` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if _holds_bool(value) and info.field_name is not None:
+            leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if leaves and leaves <= {int, float}:
+                raise ValueError(f"expected {'an integer' if leaves == {int} else 'a number'}, not a boolean")
+        return value
 
 
 def drop_nulls(tree: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,12 @@ S3 URIs are plain strings: `Path("s3://b/k")` collapses the `//`, so never wrap 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +25,11 @@ from lightclip_core.infra import s3
 from lightclip_core.infra.s3 import ObjectStat, is_s3, split_s3
 
 __all__ = ["ObjectStat", "atomic_path", "delete", "download_file", "exists", "fetch_to_local", "is_s3", "join",
-           "list_files", "publish_dir", "read_bytes", "read_json", "read_versioned_json", "s3_client", "sha256_file",
-           "split_s3", "stat", "upload_file", "write_bytes_atomic", "write_json_atomic"]
+           "list_files", "publish_dir", "read_bytes", "read_json", "read_versioned_json", "redact_uri", "s3_client",
+           "sha256_file", "split_s3", "stat", "sweep_stale_tmp", "upload_file", "write_bytes_atomic",
+           "write_json_atomic"]
+
+log = logging.getLogger(__name__)
 
 
 def _default_file_mode() -> int:
@@ -34,16 +40,22 @@ def _default_file_mode() -> int:
 
 _FILE_MODE = _default_file_mode()
 _TMP_SUFFIX = ".tmp"
+# `.<final name>.<8 random characters of mkstemp>.tmp`: what `atomic_path` creates, and all that the sweep removes
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; rename it onto `final` only if the block succeeds."""
+    """Yield a temporary path next to `final`; rename it onto `final` only if the block succeeds.
+
+    While the block runs the temporary file is locked (flock); the kernel drops the lock when the writer dies, which
+    is how :func:`sweep_stale_tmp` tells a file a killed writer left behind from one still being written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
-    os.close(fd)
     try:
+        with contextlib.suppress(OSError):  # a file system without locks: the sweep leaves such files alone
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -52,6 +64,62 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)
+
+
+def sweep_stale_tmp(out: str | os.PathLike) -> list[Path]:
+    """Remove, under the output directory `out`, the temporary files of :func:`atomic_path` whose writer is gone
+    (killed mid-write), so that they never reach DVC's hash of the output; returns what was removed.
+
+    Only names of that scheme (`.<name>.<8 characters>.tmp`) are considered, and of those only files nobody holds
+    the writer's lock on: a writer still at work (another rank, another worker of a fan-out) keeps its file. Call it
+    at the start of a stage, on the stage's own output. An `s3://` output has no temporary objects (an upload appears
+    whole or not at all), and a file system without locks keeps its files: nothing tells whose they are."""
+    if is_s3(out) or not Path(out).is_dir():
+        return []
+    removed = [path for folder, _, names in os.walk(out) for name in names
+               if _TMP_NAME.match(name) and _remove_if_abandoned(path := Path(folder, name))]
+    if removed:
+        log.info("removed %d temporary file(s) that interrupted writes left under %s", len(removed), out)
+    return removed
+
+
+def _remove_if_abandoned(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # gone meanwhile, a link, or not ours to read
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+        mine, now = os.fstat(fd), os.stat(path)
+        if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):  # renamed or replaced meanwhile
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def redact_uri(text: str) -> str:
+    """`text`, a URI or a message containing URIs, with its credentials masked: `user:password@` (or `token@`)
+    becomes `***@` and the values of query parameters that carry secrets (`token`, `sig`, `X-Amz-Signature`,
+    `X-Amz-Credential`, `X-Amz-Security-Token`, `password`, `api_key`, ...) become `***`. Credentials belong in
+    the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*); a URI that carries some is shown this way in
+    every log line, MLflow parameter, message and summary."""
+    return _URI_IN_TEXT.sub(_redact_one, str(text))
+
+
+_URI_IN_TEXT = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>]+""")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;#]+)=([^&;#]*)")
+_SECRET_NAME = re.compile(r"token|sig|secret|passw|pwd|credential|api[-_]?key|access[-_]?key|^key$|auth", re.I)
+
+
+def _redact_one(match: re.Match) -> str:
+    uri = _USERINFO.sub(r"\1***@", match.group(0))
+    return _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}=***" if _SECRET_NAME.search(m[2]) else m[0], uri)
 
 
 # ------------------------------------------------------------------------------------------------ one file

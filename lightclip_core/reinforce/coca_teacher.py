@@ -10,6 +10,7 @@ built under a temporary name and renamed, so a reader never sees a half-written 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 import os
@@ -29,9 +30,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from lightclip_core.config import CocaTeacherConfig
+from lightclip_core.config import CocaTeacherConfig, DataConfig
 from lightclip_core.data.prepare import swap_in
-from lightclip_core.data.shards import ShardStream, decode_caption, iter_raw_samples, shard_paths
+from lightclip_core.data.shards import ShardStream, decode_caption, decoded, iter_raw_samples, read_manifest, shard_refs
+from lightclip_core.data.skips import SkipTally
 from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, write_json_atomic
 from lightclip_core.models.timm_variants import dilated_name
@@ -192,7 +194,8 @@ def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: to
 
 def build_decoder(c: CocaTeacherConfig, model: nn.Module, train_dir: str | os.PathLike) -> CaptionDecoder:
     """The captioning decoder of a captioning CLIP: its vocabulary counted over the first training captions."""
-    captions = (decode_caption(raw) for _, raw in zip(range(VOCAB_CAPTIONS), iter_raw_samples(shard_paths(train_dir))))
+    readable = decoded(iter_raw_samples(shard_refs(train_dir)), decode_caption, SkipTally())  # the stream counts
+    captions = itertools.islice(readable, VOCAB_CAPTIONS)
     vocab = caption_vocabulary(captions, c.context_length, c.max_vocab)
     return CaptionDecoder(vocab, model.visual.trunk.num_features, c.text_width, c.text_heads, c.decoder_layers,
                           c.context_length)
@@ -201,7 +204,7 @@ def build_decoder(c: CocaTeacherConfig, model: nn.Module, train_dir: str | os.Pa
 def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[float], std: Sequence[float],
             device: torch.device) -> tuple[torch.utils.data.DataLoader, ShardStream]:
     decoder = PairDecoder(c.image_size, mean, std, INTERPOLATION, c.context_length)
-    stream = ShardStream(shard_paths(train_dir), decoder, seed=c.seed)
+    stream = ShardStream(shard_refs(train_dir), decoder, seed=c.seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=c.batch_size, drop_last=True,
                                          pin_memory=device.type == "cuda")
     return loader, stream
@@ -209,8 +212,10 @@ def _loader(c: CocaTeacherConfig, train_dir: str | os.PathLike, mean: Sequence[f
 
 def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data.DataLoader, stream: ShardStream,
                 log_path: Path, sink: MetricSink | None, device: torch.device,
-                decoder: CaptionDecoder | None = None) -> list[dict[str, float]]:
-    """`c.steps` optimiser steps; one log row per step (CSV, sink, progress bar)."""
+                decoder: CaptionDecoder | None = None, skip_limit: tuple[float, int, str] | None = None
+                ) -> list[dict[str, float]]:
+    """`c.steps` optimiser steps; one log row per step (CSV, sink, progress bar). `skip_limit` (max fraction, the
+    split's size, its name) stops the loop as soon as the samples the stream skipped exceed the limit's share."""
     loss_fn = (CoCaLoss(caption_loss_weight=c.caption_loss_weight, clip_loss_weight=c.clip_loss_weight)
                if c.kind == "coca" else ClipLoss())
     trained = model if decoder is None else nn.ModuleDict({"model": model, "decoder": decoder})
@@ -247,6 +252,8 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
                 sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             bar.update()
+            if skip_limit is not None:
+                stream.tally.check_running(*skip_limit)
     trained.eval()
     return rows
 
@@ -260,9 +267,14 @@ def _summary(rows: list[dict[str, float]], batch_size: int, wall: float) -> dict
 
 def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        mean: Sequence[float], std: Sequence[float], sink: MetricSink | None = None,
-                       device: str | torch.device | None = None, name: str = "model") -> TeacherResult:
+                       device: str | torch.device | None = None, name: str = "model",
+                       max_skip_fraction: float | None = None) -> TeacherResult:
     """Train the teacher `c` on the shards of `train_dir` for `c.steps` steps; publish `out_dir/<name>/` and log
-    `out_dir/<name>_log.csv` (`teacher_log.csv` for the first teacher)."""
+    `out_dir/<name>_log.csv` (`teacher_log.csv` for the first teacher). Bad samples are skipped and counted (the
+    metrics' `skipped/...`); past `max_skip_fraction` of them (default: data.max_skip_fraction's) a DataError, before
+    anything is published."""
+    if max_skip_fraction is None:
+        max_skip_fraction = DataConfig.model_fields["max_skip_fraction"].default
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -278,8 +290,11 @@ def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_d
                  sum(p.numel() for p in model.parameters()) / 1e6, c.steps, c.batch_size, device)
         log_path = out_dir / ("teacher_log.csv" if name == "model" else f"{name}_log.csv")
         started = time.perf_counter()
-        rows = _train_loop(model, c, loader, stream, log_path, sink, device, decoder)
-        metrics = _summary(rows, c.batch_size, time.perf_counter() - started)
+        source = f"teacher --data {train_dir}"
+        rows = _train_loop(model, c, loader, stream, log_path, sink, device, decoder,
+                           (max_skip_fraction, read_manifest(train_dir)["num_samples"], source))
+        stream.tally.check(max_skip_fraction, source)
+        metrics = {**_summary(rows, c.batch_size, time.perf_counter() - started), **stream.tally.metrics()}
         if decoder is not None:
             publish_captioner(model, decoder, c, out_dir / CAPTIONER_DIR, mean, std)
         publish_model_dir(model, build, final)

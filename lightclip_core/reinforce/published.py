@@ -33,7 +33,7 @@ def index_reinforced(dataset_dir: str | os.PathLike, dims: Sequence[int], scales
     entries, augmentations, captions = [], Counter(), Counter()
     for shard in shards:
         count = 0
-        for raw in iter_raw_samples([str(shard)]):
+        for raw in iter_raw_samples([str(shard)], require=()):  # published shards may come without images
             r = decode_reinforcement(raw)
             if r.dim != width:
                 raise ReinforcementError(f"sample {raw['__key__']!r} in {shard.name}: teacher embedding width "

@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lightclip_core.config import ConfigError, QualityGateConfig, ReinforceConfig
+from lightclip_core.config import ConfigError, DataConfig, QualityGateConfig, ReinforceConfig
 from lightclip_core.data.caption_attributes import parse_caption
-from lightclip_core.data.shards import decode_caption, decode_image, decode_meta, iter_raw_samples, read_manifest, \
-    shard_paths
+from lightclip_core.data.shards import decode_caption, decode_image, decode_meta, decoded, iter_raw_samples, \
+    read_manifest, shard_refs
+from lightclip_core.data.skips import SkipTally
 from lightclip_core.evaluate.retrieval import retrieval_metrics
 from lightclip_core.reinforce.captioner import Captioner
 from lightclip_core.reinforce.teachers import Teacher
@@ -30,16 +31,26 @@ class QualityGateError(ConfigError):
     """A teacher or the captioner is below `teacher.gate`: nothing was reinforced."""
 
 
-def load_split(split_dir: str | os.PathLike, limit: int | None = None) -> tuple[list, list[str], list[dict], dict]:
-    """(PIL images, captions, metadata, the manifest's zero-shot tasks) of the first `limit` samples of a split."""
+def load_split(split_dir: str | os.PathLike, limit: int | None = None, max_skip_fraction: float | None = None
+               ) -> tuple[list, list[str], list[dict], dict]:
+    """(PIL images, captions, metadata, the manifest's zero-shot tasks) of the first `limit` usable samples of a
+    split. Bad samples are skipped and counted; past `max_skip_fraction` of what was read (default:
+    data.max_skip_fraction's) a DataError."""
+    if max_skip_fraction is None:
+        max_skip_fraction = DataConfig.model_fields["max_skip_fraction"].default
+    manifest = read_manifest(split_dir)
+    tally = SkipTally()
     images, captions, metas = [], [], []
-    for raw in iter_raw_samples(shard_paths(split_dir)):
+    raws = iter_raw_samples(shard_refs(split_dir, manifest), tally)
+    for image, caption, meta in decoded(raws, lambda r: (decode_image(r), decode_caption(r), decode_meta(r)), tally):
         if limit is not None and len(images) >= limit:
             break
-        images.append(decode_image(raw))
-        captions.append(decode_caption(raw))
-        metas.append(decode_meta(raw))
-    return images, captions, metas, read_manifest(split_dir).get("tasks") or {}
+        images.append(image)
+        captions.append(caption)
+        metas.append(meta)
+    if tally.seen:  # an empty split is the caller's to judge
+        tally.check(max_skip_fraction, f"split {split_dir}")
+    return images, captions, metas, manifest.get("tasks") or {}
 
 
 @torch.inference_mode()

@@ -37,7 +37,9 @@ from tqdm import tqdm
 from lightclip_core.config import Config, ConfigError, TeacherSpec
 from lightclip_core.data.augment import ReplayableAugment, sample_generator
 from lightclip_core.data.reinforced import encode_reinforcement
-from lightclip_core.data.shards import MANIFEST, SCHEMA_VERSION, decode_caption, decode_image, iter_raw_samples
+from lightclip_core.data.shards import (MANIFEST, SCHEMA_VERSION, ShardRef, decode_caption, decode_image,
+                                        iter_raw_samples, read_manifest)
+from lightclip_core.data.skips import SampleError, SkipTally
 from lightclip_core.infra import storage
 from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, is_s3, join, sha256_file, write_json_atomic
@@ -173,28 +175,31 @@ class ShardReinforcer:
             out.append(sample)
         return out
 
-    def shard(self, src: str, dst: Path, seed_key: str, bar: tqdm) -> tuple[int, Counter]:
-        """Reinforce `src` into `dst` (atomically); returns (samples written, skipped samples by reason)."""
-        skipped: Counter = Counter()
+    def shard(self, src: ShardRef, dst: Path, seed_key: str, bar: tqdm) -> tuple[int, SkipTally]:
+        """Reinforce `src` into `dst` (atomically); returns (samples written, what was skipped and why). A damaged
+        shard gives the samples before the damage; a sample that does not decode is skipped (skips.py)."""
+        tally = SkipTally()
         generator = torch.Generator().manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:15], 16))
         written = 0
         with atomic_path(dst) as tmp, open(tmp, "wb") as f:
             sink = wds.TarWriter(f, mtime=_FIXED_MTIME)
             raws, images = [], []
-            for raw in iter_raw_samples([src]):
+            for raw in iter_raw_samples([src], tally):
                 try:
-                    images.append(decode_image(raw))
-                    raws.append(raw)
-                except Exception as err:  # an undecodable image is skipped and counted, never fatal
-                    log.warning("skipping sample %r of %s: %s", raw.get("__key__"), src, err)
-                    skipped["undecodable_image"] += 1
+                    image = decode_image(raw)
+                    decode_caption(raw)  # the chunk reads it again
+                except SampleError as err:
+                    tally.skip(err.reason, detail=f"sample {raw.get('__key__')!r} of {src.path}: {err}")
+                    continue
+                images.append(image)
+                raws.append(raw)
                 if len(raws) == self.r.batch_size:
                     written += self._write(sink, raws, images, generator, bar)
                     raws, images = [], []
             if raws:
                 written += self._write(sink, raws, images, generator, bar)
             sink.close()
-        return written, skipped
+        return written, tally
 
     def _write(self, sink: wds.TarWriter, raws: list, images: list, generator: torch.Generator, bar: tqdm) -> int:
         for sample in self.chunk(raws, images, generator):
@@ -241,11 +246,14 @@ def _current_entry(out_dir: Path | str, shard_url: str, expected: str) -> dict[s
 
 
 def publish_manifest(out_dir: Path | str, source: dict[str, Any], prints: dict[str, str],
-                     reinforcement: dict[str, Any]) -> dict[str, Any]:
+                     reinforcement: dict[str, Any], max_skip_fraction: float) -> dict[str, Any]:
     """Rebuild `manifest.json` from the entries that carry the current fingerprints, in source order. The split is
-    `complete` when every source shard has one; a trainer that distils refuses an incomplete split."""
+    `complete` when every source shard has one; a trainer that distils refuses an incomplete split. Past
+    `max_skip_fraction` of skipped samples over the reinforced shards (data.max_skip_fraction), a DataError, and no
+    manifest is written."""
     with _manifest_lock(out_dir):
         shards, skipped, missing = [], Counter(source.get("skipped", {})), 0
+        reinforced = SkipTally()
         for s in source["shards"]:
             entry = _current_entry(out_dir, s["url"], prints[s["url"]])
             if entry is None:
@@ -253,6 +261,10 @@ def publish_manifest(out_dir: Path | str, source: dict[str, Any], prints: dict[s
                 continue
             shards.append({"url": s["url"], "num_samples": entry["num_samples"], "sha256": entry["sha256"]})
             skipped.update(entry["skipped"])
+            reinforced.update(SkipTally.from_state({"seen": entry["num_samples"] + sum(entry["skipped"].values()),
+                                                    "skipped": entry["skipped"], "shards": entry.get("damaged", {})}))
+        if shards:
+            reinforced.check(max_skip_fraction, f"reinforce {out_dir}")
         manifest = {
             "schema_version": SCHEMA_VERSION, "split": source["split"],
             "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
@@ -283,7 +295,7 @@ def publish_reinforced(cfg: Config, data_dir: Path | str, out_dir: Path | str,
             continue
         prints = {u["url"]: _fingerprint(cfg, described["teachers"], captioner, u["sha256"]) for u in source["shards"]}
         if _current_entry(out_dir, s["url"], prints[s["url"]]) is not None:
-            return publish_manifest(out_dir, source, prints, described)
+            return publish_manifest(out_dir, source, prints, described, cfg.data.max_skip_fraction)
     raise FileNotFoundError(f"{out_dir}: no shard of {data_dir} is reinforced with the current parameters and "
                             f"teachers; run `lightclip reinforce` first")
 
@@ -293,8 +305,8 @@ def _specs_record(specs: list[TeacherSpec]) -> list[dict[str, Any]]:
 
 
 def _read_manifest(data_dir: Path | str) -> dict[str, Any]:
-    return storage.read_versioned_json(join(data_dir, MANIFEST), "schema_version", SCHEMA_VERSION,
-                                       "run `lightclip prepare` first")
+    """The source manifest; its shard URLs, which name the output's files too, are confined to the dataset."""
+    return read_manifest(data_dir)
 
 
 def parse_shard_range(text: str | None, count: int) -> range:
@@ -349,36 +361,40 @@ def reinforce(cfg: Config, data_dir: str | Path, out_dir: str | Path, teacher_di
              [t["model"] for t in reinforcement["teachers"]])
 
     started = time.perf_counter()
-    samples, skipped = 0, Counter()
+    samples, tally = 0, SkipTally()
+    expected = sum(source["shards"][i]["num_samples"] for i in indices)
     with contextlib.ExitStack() as stack:
         shards = _ShardFiles(data_dir, out_dir, cache_dir, stack)
         bar = stack.enter_context(tqdm(total=sum(s["num_samples"] for s in todo), desc="reinforce", unit="sample"))
         for s in todo:
             shard_started = time.perf_counter()
-            written, shard_skipped = worker.shard(shards.source(s), shards.staged(s["url"]),
-                                                  f"{cfg.reinforce.seed}/{s['url']}", bar)
-            entry = {"url": s["url"], "num_samples": written, "skipped": dict(shard_skipped),
-                     "fingerprint": prints[s["url"]], "source_sha256": s["sha256"], "reinforcement": reinforcement,
+            written, shard_tally = worker.shard(shards.source(s), shards.staged(s["url"]),
+                                                f"{cfg.reinforce.seed}/{s['url']}", bar)
+            tally.update(shard_tally)
+            # a split bad beyond the limit stops before this shard is published (those before it are kept)
+            tally.check_running(cfg.data.max_skip_fraction, expected, f"reinforce --data {data_dir}")
+            entry = {"url": s["url"], "num_samples": written, "skipped": shard_tally.skipped,
+                     "damaged": dict(shard_tally.shards), "fingerprint": prints[s["url"]],
+                     "source_sha256": s["sha256"], "reinforcement": reinforcement,
                      "teacher_specs": _specs_record(specs)}
             write_json_atomic(_entry_path(out_dir, s["url"]), {**entry, **shards.publish(s["url"])})
             samples += written
-            skipped.update(shard_skipped)
             if sink is not None:
                 sink.log_metrics({"reinforce/samples_per_s": written / (time.perf_counter() - shard_started),
                                   "reinforce/samples": float(samples)}, step=samples)
     wall = time.perf_counter() - started
-    manifest = publish_manifest(out_dir, source, prints, reinforcement) if publish else None
+    manifest = publish_manifest(out_dir, source, prints, reinforcement, cfg.data.max_skip_fraction) \
+        if publish else None
     metrics = {"samples": float(samples), "wall_time_s": wall, "samples_per_s": samples / wall if wall else 0.0,
                "teacher_time_s": timer.teacher_s,
                "teacher_fraction": timer.teacher_s / wall if wall and samples else 0.0,
-               "shards_written": float(len(todo)), "shards_reused": float(reused),
-               "skipped": float(sum(skipped.values()))}
+               "shards_written": float(len(todo)), "shards_reused": float(reused), **tally.metrics()}
     complete = manifest["reinforcement"]["complete"] if manifest else None
     log.info("reinforced %d samples in %.1f s (%.1f samples/s, %.0f%% in teacher forward passes); manifest %s",
              samples, wall, metrics["samples_per_s"], 100 * metrics["teacher_fraction"],
              "left to the join step (publish=False)" if manifest is None else "complete" if complete else
              f"incomplete ({manifest['reinforcement']['missing_shards']} shards missing)")
-    return ReinforceResult(out_dir, len(todo), reused, samples, dict(skipped), complete, metrics)
+    return ReinforceResult(out_dir, len(todo), reused, samples, tally.skipped, complete, metrics)
 
 
 class _ShardFiles:
@@ -392,15 +408,15 @@ class _ShardFiles:
             cache_dir.mkdir(parents=True, exist_ok=True)
             self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".reinforce-", dir=cache_dir)))
 
-    def source(self, shard: dict[str, Any]) -> str:
-        """A local path of the source shard, downloaded and checked against the manifest's sha256 if remote."""
+    def source(self, shard: dict[str, Any]) -> ShardRef:
+        """The source shard as a local file (downloaded if remote) with its manifest's count and sha256, which the
+        reader checks; a missing object is read as a missing shard."""
         if not is_s3(self.data_dir):
-            return str(Path(self.data_dir) / shard["url"])
+            return ShardRef(str(Path(self.data_dir) / shard["url"]), shard["num_samples"], shard["sha256"])
         local = self.scratch / "source" / shard["url"]
-        storage.download_file(join(self.data_dir, shard["url"]), local)
-        if sha256_file(local) != shard["sha256"]:
-            raise ValueError(f"{join(self.data_dir, shard['url'])}: sha256 does not match the source manifest")
-        return str(local)
+        with contextlib.suppress(FileNotFoundError):
+            storage.download_file(join(self.data_dir, shard["url"]), local)
+        return ShardRef(str(local), shard["num_samples"], shard["sha256"])
 
     def staged(self, url: str) -> Path:
         return Path(self.out_dir) / url if not is_s3(self.out_dir) else self.scratch / "out" / url

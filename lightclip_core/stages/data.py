@@ -13,7 +13,8 @@ import torch
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.infra.sink import PrefixedSink
-from lightclip_core.stages.io import InputError, existing, local_dir, localise, output_dir
+from lightclip_core.stages.io import (InputError, complete_dir, existing, local_dir, localise, output_dir,
+                                      output_location, split_manifest)
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class PrepareSummary:
     out: str
     counts: dict[str, int]
     skipped: dict[str, int]
+    damaged_shards: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,11 +35,25 @@ def run_prepare(*, cfg: Config, out: str | os.PathLike) -> PrepareSummary:
     """Generate or ingest the dataset into `out/{train,val,test}` (a local directory or an `s3://` prefix)."""
     from lightclip_core.data.prepare import prepare
 
+    _check_prepare_output(out)
+    storage.sweep_stale_tmp(out)
     with StageRun(cfg, "prepare") as run, output_dir(out, "prepare") as local:  # every manifest.json published last
         result = prepare(cfg.data, local)
         run.log_metrics({f"samples/{k}": v for k, v in result.counts.items()})
-        run.log_metrics({f"skipped/{k}": v for k, v in result.skipped.items()})
-    return PrepareSummary(str(out), result.counts, result.skipped)
+        run.log_metrics(result.skip_metrics)
+    return PrepareSummary(str(out), result.counts, result.skipped, result.damaged_shards)
+
+
+def _check_prepare_output(out: str | os.PathLike) -> None:
+    """Before the run: a local `out` is new, or a previous output of prepare (nothing but split directories)."""
+    from lightclip_core.data.prepare import check_replaceable
+
+    output_location(out, "dataset directory")
+    if not storage.is_s3(str(out)):
+        try:
+            check_replaceable(Path(out))
+        except FileExistsError as err:
+            raise InputError(f"--out={str(out)!r}: {err}") from None
 
 
 @dataclass
@@ -57,24 +73,38 @@ def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
     training figures and each teacher's and the captioner's quality (`quality/<name>/...`) on the validation split
     `val` (default: the `val` split next to `data`, when there is one), which `reinforce`'s gate reads."""
     from lightclip_core.reinforce.coca_teacher import train_coca_teacher
+    from lightclip_core.reinforce.quality import load_split
 
+    _check_teacher_inputs(data, val, out)
+    storage.sweep_stale_tmp(out)
     train_dir = local_dir(data, "training split", "data")
     val_dir = _validation_split(data, val)
     teachers = {"model": cfg.teacher.train, **({"second": cfg.teacher.second} if cfg.teacher.second else {})}
     metrics: dict[str, float] = {}
+    # read (and held to data.max_skip_fraction) before any training, so a damaged split publishes nothing
+    val_split = load_split(val_dir, max_skip_fraction=cfg.data.max_skip_fraction) if val_dir is not None else None
     with StageRun(cfg, "teacher", inputs={"data": train_dir}) as run, \
             output_dir(out, "teacher", last=("metrics.json",)) as local:
         for name, teacher in teachers.items():
             prefix = "" if name == "model" else f"{name}/"
             result = train_coca_teacher(teacher, train_dir, local, cfg.model.image.mean, cfg.model.image.std,
-                                        sink=PrefixedSink(run, prefix), name=name)
+                                        sink=PrefixedSink(run, prefix), name=name,
+                                        max_skip_fraction=cfg.data.max_skip_fraction)
             metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
             run.log_artifact(result.log_path)
-        if val_dir is not None:
-            metrics.update(trained_teacher_quality(cfg, local, list(teachers), val_dir))
+        if val_split is not None:
+            metrics.update(trained_teacher_quality(cfg, local, list(teachers), val_split))
         run.log_metrics({f"summary/{k}": v for k, v in metrics.items()})
         storage.write_json_atomic(local / "metrics.json", metrics)
     return TeacherSummary(str(out), list(teachers), metrics)
+
+
+def _check_teacher_inputs(data: str | os.PathLike, val: str | os.PathLike | None, out: str | os.PathLike) -> None:
+    """Before any download or run: the training split (and `val`, when given) is complete; `out` can be written."""
+    complete_dir(data, "training split", "data")
+    if val is not None:
+        complete_dir(val, "validation split", "val")
+    output_location(out, "teacher directory")
 
 
 def _validation_split(data: str | os.PathLike, val: str | os.PathLike | None) -> Path | None:
@@ -87,15 +117,16 @@ def _validation_split(data: str | os.PathLike, val: str | os.PathLike | None) ->
     return None
 
 
-def trained_teacher_quality(cfg: Config, teacher_dir: Path, names: list[str], val_dir: Path) -> dict[str, float]:
-    """`quality/<teacher>/...` for every trained teacher and `quality/captioner/...` for the trained captioner."""
+def trained_teacher_quality(cfg: Config, teacher_dir: Path, names: list[str], val_split: tuple) -> dict[str, float]:
+    """`quality/<teacher>/...` for every trained teacher and `quality/captioner/...` for the trained captioner, on
+    the validation split as `reinforce.quality.load_split` returns it."""
     from lightclip_core.config import TeacherSpec
     from lightclip_core.reinforce.captioner import Captioner
     from lightclip_core.reinforce.coca_teacher import trained_captioner
-    from lightclip_core.reinforce.quality import caption_quality, load_split, teacher_quality
+    from lightclip_core.reinforce.quality import caption_quality, teacher_quality
     from lightclip_core.reinforce.teachers import Teacher
 
-    images, captions, metas, tasks = load_split(val_dir)
+    images, captions, metas, tasks = val_split
     out: dict[str, float] = {}
     for name in names:
         spec = TeacherSpec(model=f"local-dir:{teacher_dir / name}")
@@ -139,6 +170,8 @@ def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLik
     from lightclip_core.data.shards import read_manifest
     from lightclip_core.reinforce.reinforcement import parse_shard_range, reinforce
 
+    _check_reinforce_inputs(data, out)
+    storage.sweep_stale_tmp(out)
     data_dir = str(data) if storage.is_s3(str(data)) else existing(data, "split to reinforce", "data")
     teacher_dir = _teacher_dir(cfg, teacher)
     try:
@@ -154,6 +187,13 @@ def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLik
     if not storage.is_s3(str(out)):
         storage.write_json_atomic(Path(out).parent / f"{Path(out).name}-metrics.json", result.metrics)
     return ReinforceSummary(str(result.out_dir), result.complete, result.skipped, result.metrics)
+
+
+def _check_reinforce_inputs(data: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Before the run: the split to reinforce is complete and readable; a local `out` can be written."""
+    complete_dir(data, "split to reinforce", "data")
+    split_manifest(data, "split to reinforce", "data")
+    output_location(out, "reinforced split")
 
 
 def _check_teacher_gate(cfg: Config, teacher_dir: Path) -> None:
@@ -186,6 +226,8 @@ def run_publish_reinforced(*, cfg: Config, data: str | os.PathLike, out: str | o
     """The join after a fan-out of `run_reinforce(publish=False)` workers: publish `out`'s manifest once."""
     from lightclip_core.reinforce.reinforcement import publish_reinforced
 
+    complete_dir(data, "source split", "data")
+    storage.sweep_stale_tmp(out)
     teacher_dir = localise(teacher) if teacher and storage.is_s3(str(teacher)) else teacher
     manifest = publish_reinforced(cfg, str(data), str(out), teacher_dir)
     reinforcement = manifest.get("reinforcement", {})
@@ -209,6 +251,7 @@ def run_index_reinforced(*, data: str | os.PathLike, dims: list[int], scales: li
     from lightclip_core.reinforce.published import index_reinforced
 
     data_dir = existing(data, "directory of reinforced shards", "data")
+    storage.sweep_stale_tmp(data_dir)
     try:
         manifest = index_reinforced(data_dir, dims, scales, image_size, split=split)
     except ValueError as err:

@@ -5,8 +5,9 @@ import os
 from dataclasses import dataclass
 
 from lightclip_core.config import Config
+from lightclip_core.infra import storage
 from lightclip_core.register.registration import RegisterResult, gate_passes, read_inputs, register, skipped
-from lightclip_core.stages.io import existing, local_dir, output_dir
+from lightclip_core.stages.io import existing, local_dir, output_dir, output_location, split_manifest
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 EXPORT_CONFIG = "config.json"  # written last by the export
@@ -26,17 +27,20 @@ def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLi
                  train_log: str | os.PathLike | None = None) -> EvaluateSummary:
     """Zero-shot classification and retrieval of the export `model` on the test split `data`; metrics, per-class
     results, plots and the report land in `out` (`metrics.json` published last)."""
-    from lightclip_core.evaluate.evaluation import evaluate
+    from lightclip_core.evaluate.evaluation import evaluate, select_tasks
 
+    output_location(out, "evaluation directory")
+    storage.sweep_stale_tmp(out)
     export_dir = local_dir(model, "export directory", "model", marker=EXPORT_CONFIG)
     test_dir = local_dir(data, "test split", "data")
+    select_tasks(split_manifest(test_dir, "test split", "data", data), cfg.evaluate.tasks, data)  # before the run
     log = existing(train_log, "training log", "train_log") if train_log else None
     with StageRun(cfg, "evaluate", inputs={"model": export_dir, "data": test_dir}) as run, \
             output_dir(out, "evaluate", last=(METRICS,)) as local:
         result = evaluate(cfg, export_dir, test_dir, local, train_log=log)
-        run.log_metrics(result.metrics)
+        run.log_metrics({**result.metrics, **result.skipped})
         run.log_artifact(local)
-    return EvaluateSummary(str(out), result.metrics)
+    return EvaluateSummary(str(out), {**result.metrics, **result.skipped})  # skipped/...: the summary, not metrics.json
 
 
 def run_register(*, cfg: Config, model: str | os.PathLike, eval: str | os.PathLike, out: str | os.PathLike,
@@ -45,6 +49,8 @@ def run_register(*, cfg: Config, model: str | os.PathLike, eval: str | os.PathLi
     """Register the evaluated export in the MLflow registry and move `champion` when it beats the current one;
     skipped (with the reason) when the registry or tracking is off or the evaluation gate fails. The decision and
     the report land in the local directory `out`."""
+    output_location(out, "registration directory")
+    storage.sweep_stale_tmp(out)
     export_dir = local_dir(model, "export directory", "model", marker=EXPORT_CONFIG)
     eval_dir = local_dir(eval, "evaluation directory", "eval", marker=METRICS)
     inputs = read_inputs(cfg, export_dir, eval_dir, train_data, test_data, train_log)

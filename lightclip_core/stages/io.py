@@ -4,11 +4,12 @@ every door stops with one line and exit code 2) naming the input as the command 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from lightclip_core.infra import storage
 from lightclip_core.infra.schema import ConfigError
@@ -33,15 +34,58 @@ def existing(path: str | os.PathLike, what: str, name: str) -> Path:
     return p
 
 
+def complete_dir(uri: str | os.PathLike, what: str, name: str, marker: str = MANIFEST) -> None:
+    """Check, downloading nothing, that `uri` (a local directory or an `s3://` prefix) holds its `marker` file,
+    published last, which says it is complete."""
+    uri = str(uri)
+    if not storage.is_s3(uri) and not existing(uri, what, name).is_dir():
+        raise InputError(f"{flag(name)}={uri!r}: {what} is not a directory")
+    if not storage.exists(storage.join(uri, marker)):
+        raise InputError(f"{flag(name)}={uri!r}: {what} has no {marker}")
+
+
 def local_dir(uri: str | os.PathLike, what: str, name: str, marker: str = MANIFEST) -> Path:
     """A directory given as a local path or an `s3://` prefix (downloaded to the cache, reused by ETag) whose
     `marker` file, published last, says it is complete."""
-    uri = str(uri)
-    if not storage.is_s3(uri):
-        return existing(uri, what, name)
-    if not storage.exists(storage.join(uri, marker)):
-        raise InputError(f"{flag(name)}={uri!r}: {what} has no {marker}")
-    return localise(uri)
+    complete_dir(uri, what, name, marker)
+    return localise(uri) if storage.is_s3(str(uri)) else Path(uri)
+
+
+def split_manifest(directory: str | os.PathLike, what: str, name: str, uri: str | os.PathLike | None = None
+                   ) -> dict[str, Any]:
+    """The manifest of the split in the local `directory` (given on the command line as `uri`), read before any
+    work: one that is not JSON, of another format version, or without its sample and shard counts is an
+    InputError (the path does not name a split this version made)."""
+    from lightclip_core.data.shards import read_manifest
+
+    where = f"{flag(name)}={str(uri if uri is not None else directory)!r}"
+    try:
+        manifest = read_manifest(directory)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{where}: the {what}'s {MANIFEST} is not JSON ({err})") from None
+    except ValueError as err:  # read_versioned_json's format version; its subclasses (DataError) pass
+        if type(err) is not ValueError:
+            raise
+        raise InputError(f"{where}: {err}") from None
+    if not (isinstance(manifest.get("num_samples"), int) and isinstance(manifest.get("shards"), list)):
+        raise InputError(f"{where}: the {what}'s {MANIFEST} has no num_samples or shards list")
+    return manifest
+
+
+def output_location(out: str | os.PathLike, what: str, name: str = "out") -> None:
+    """Check, creating nothing, that a stage can write its local output `out`: an existing directory, or a new path
+    whose nearest existing parent is a directory. An `s3://` prefix is checked when it is published."""
+    out = str(out)
+    if storage.is_s3(out):
+        return
+    path = Path(out)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{flag(name)}={out!r}: a file is there; the {what} is a directory")
+        return
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise InputError(f"{flag(name)}={out!r}: {str(parent)!r} is a file, so the {what} cannot be created there")
 
 
 def localise(uri: str | os.PathLike) -> Path:
@@ -55,7 +99,9 @@ def local_file(uri: str | os.PathLike, what: str, name: str) -> Path:
     """A file given as a local path or an `s3://` object (downloaded to the cache)."""
     uri = str(uri)
     if not storage.is_s3(uri):
-        return existing(uri, what, name)
+        if existing(uri, what, name).is_dir():
+            raise InputError(f"{flag(name)}={uri!r}: {what} is a directory; expected a file")
+        return Path(uri)
     if not storage.exists(uri):
         raise InputError(f"{flag(name)}={uri!r}: {what} does not exist")
     return storage.fetch_to_local(uri, storage.default_cache_dir())

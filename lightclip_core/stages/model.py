@@ -8,7 +8,8 @@ from typing import Any
 
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
-from lightclip_core.stages.io import flat_numbers, local_dir, local_file, output_dir
+from lightclip_core.stages.io import (InputError, flat_numbers, local_dir, local_file, output_dir, output_location,
+                                      split_manifest)
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 FINAL = "final.pt"
@@ -32,8 +33,10 @@ def run_train(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -
     from lightclip_core.train.trainer import train
 
     train_dir = local_dir(data, "training split", "data")
+    _check_train_inputs(cfg, train_dir, data, out)
     remote = str(out) if storage.is_s3(str(out)) else None
     local = storage.default_cache_dir() / "train-out" / storage.split_s3(remote)[1].strip("/") if remote else Path(out)
+    storage.sweep_stale_tmp(local)
     if not world_from_env().is_main:
         result = train(cfg, train_dir, local)
         return TrainSummary(str(result.final_checkpoint), result.metrics)
@@ -45,6 +48,30 @@ def run_train(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -
     if remote:
         storage.publish_dir(local, remote, last=(FINAL,))
     return TrainSummary(storage.join(remote, FINAL) if remote else str(result.final_checkpoint), result.metrics)
+
+
+def _check_train_inputs(cfg: Config, train_dir: Path, data: str | os.PathLike, out: str | os.PathLike) -> None:
+    """What training needs of its inputs, checked on every rank before the MLflow run and before any directory: a
+    split with at least one global batch and one shard per rank, a batch that splits over ranks and micro-steps, a
+    reinforced split where the objectives or stored views need one, and a local `out` that can be written."""
+    from lightclip_core.infra.distributed import world_from_env
+    from lightclip_core.train.data import local_batch_size, reinforcement_of, require_reinforcement
+
+    manifest = split_manifest(train_dir, "training split", "data", data)
+    world_size = world_from_env().world_size
+    local_batch_size(cfg, world_size)
+    samples, shards = manifest["num_samples"], len(manifest["shards"])
+    if samples < cfg.train.batch_size:
+        raise InputError(f"train.batch_size={cfg.train.batch_size}: larger than the training split --data="
+                         f"{str(data)!r} ({samples} samples); allowed: at most {samples}")
+    if shards < world_size:
+        raise InputError(f"--data={str(data)!r}: {shards} shards for {world_size} ranks; each rank reads whole "
+                         f"shards, so the split needs at least one per rank")
+    if cfg.objectives.distill.enabled:
+        require_reinforcement(train_dir)
+    elif cfg.train.stored_views and reinforcement_of(train_dir) is not None:
+        require_reinforcement(train_dir, "train.stored_views=true")
+    output_location(out, "training output")
 
 
 @dataclass
@@ -61,6 +88,8 @@ def run_export(*, cfg: Config, checkpoint: str | os.PathLike, out: str | os.Path
     torch.export, ONNX), parity-checked; `config.json` is written (and published) last."""
     from lightclip_core.export.exporter import export
 
+    output_location(out, "export directory")
+    storage.sweep_stale_tmp(out)
     final = local_file(checkpoint, "checkpoint", "checkpoint")
     with StageRun(cfg, "export", inputs={"checkpoint": final}) as run, \
             output_dir(out, "export", last=("config.json",)) as local:

@@ -15,14 +15,17 @@ from lightclip_core.config import Config
 
 READS: dict[str, tuple[str, ...]] = {
     "prepare": ("data",),
-    "teacher": ("teacher.train", "teacher.second", "model.image.mean", "model.image.std",
+    # data.max_skip_fraction: every stage that reads samples skips bad ones and fails past that fraction
+    "teacher": ("teacher.train", "teacher.second", "model.image.mean", "model.image.std", "data.max_skip_fraction",
                 # the quality measured on the validation split: prompts, and the captions sampled as reinforce will
                 "evaluate.templates", "reinforce.num_captions", "reinforce.top_p", "reinforce.temperature",
                 "reinforce.max_caption_tokens", "reinforce.seed"),
-    "reinforce": ("reinforce", "teacher.ensemble", "teacher.captioner", "teacher.second", "teacher.gate"),
-    "train": ("model", "train", "objectives"),
+    "reinforce": ("reinforce", "teacher.ensemble", "teacher.captioner", "teacher.second", "teacher.gate",
+                  "data.max_skip_fraction"),
+    "train": ("model", "train", "objectives", "data.max_skip_fraction"),
     "export": ("export", "model"),
-    "evaluate": ("evaluate",),  # the report describes the training from the model's lineage, not from params
+    # evaluate: the report describes the training from the model's lineage, not from params
+    "evaluate": ("evaluate", "data.max_skip_fraction"),
     "register": ("registry", "evaluate.templates", "evaluate.batch_size"),  # the pyfunc model's defaults
 }
 UPSTREAM: dict[str, tuple[str, ...]] = {

@@ -6,6 +6,10 @@ Stages never import mlflow: they get a :class:`StageRun` (or nothing) and call `
 Run layout: one parent run per pipeline execution (tag `lightclip.role=pipeline`), one child run per stage. The
 execution is identified by `$LIGHTCLIP_PIPELINE_RUN`, else `$KFP_RUN_ID`, else, under `dvc repro` / `dvc exp run`,
 by the DVC process that runs the stages. Without any of them a stage run has no parent.
+
+A run records the process that owns it; a stage first ends, as KILLED, the runs of its experiment whose owner died
+without ending them (:mod:`lightclip_core.tracking.liveness`). Credentials in a URI are masked wherever it is shown:
+parameters, tags, log lines and messages (:func:`lightclip_core.infra.storage.redact_uri`).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightclip_core.config import Config, TrackingConfig
-from lightclip_core.tracking.spool import Outbox, TrackingUnavailable, redact_uri
+from lightclip_core.tracking.liveness import Heartbeat, end_abandoned_runs, owner_tags
+from lightclip_core.tracking.spool import Outbox, TrackingUnavailable, first_line, quiet_http_retries, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ def experiment_url(cfg: TrackingConfig, ui: str, root: Path | None = None) -> st
     from mlflow import MlflowClient
 
     experiment = MlflowClient(tracking_uri(cfg, root)).get_experiment_by_name(cfg.experiment)
-    return experiment_page(ui, experiment.experiment_id) if experiment is not None else None
+    return experiment_page(redact_uri(ui), experiment.experiment_id) if experiment is not None else None
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -101,6 +106,7 @@ def check_reachable(uri: str, timeout: float = _HEALTH_TIMEOUT_S) -> None:
 def _client_defaults() -> None:
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    quiet_http_retries()
 
 
 # ---------------------------------------------------------------------------------------------- lineage
@@ -196,7 +202,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    items = [Param(k, redact_uri(str(v))[:_MAX_PARAM_LEN]) for k, v in params.items()]
     for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start:start + _MAX_PARAMS_PER_BATCH])
 
@@ -258,6 +264,10 @@ def input_tags(inputs: Mapping[str, str | os.PathLike]) -> dict[str, str]:
     return tags
 
 
+def _redacted(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {k: redact_uri(str(v)) for k, v in tags.items()}
+
+
 # ------------------------------------------------------------------------------------------------ the run
 class StageRun:
     """One MLflow run for one stage, nested under the pipeline run. Use as a context manager; with tracking
@@ -283,6 +293,7 @@ class StageRun:
         self.undelivered = 0
         self._outbox: Outbox | None = None
         self._sampler: Any = None
+        self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> "StageRun":
         if not self.enabled:
@@ -295,10 +306,11 @@ class StageRun:
         except TrackingUnavailable:
             raise
         except Exception as err:  # noqa: BLE001 - one line before any work, whatever MLflow raised
-            first_line = (str(err).splitlines() or [type(err).__name__])[0][:300]
             raise TrackingUnavailable(f"tracking at {redact_uri(self.uri)}: cannot start the {self.stage} run: "
-                                      f"{first_line}") from None
-        self._outbox = Outbox(self.root_path(self.cfg.tracking.spool_dir), self.run_id, self.uri)
+                                      f"{first_line(err)}") from None
+        self._outbox = Outbox(self.root_path(self.cfg.tracking.spool_dir), self.run_id, self.uri,
+                              self.parent_run_id)
+        self._heartbeat = Heartbeat(self.uri, self.run_id)
         if self.cfg.tracking.system_metrics_interval_s > 0:
             from lightclip_core.tracking.system_metrics import SystemMetricsSampler
 
@@ -320,10 +332,15 @@ class StageRun:
 
         client = MlflowClient(self.uri)
         self.experiment_id = _experiment_id(client, self.cfg.tracking.experiment, self.uri)
+        try:  # before this stage sets its pipeline run RUNNING again
+            end_abandoned_runs(client, self.experiment_id, self.root_path(self.cfg.tracking.spool_dir))
+        except Exception as err:  # noqa: BLE001 - housekeeping never stops a stage
+            log.warning("could not look for abandoned runs: %s", first_line(err))
         params = self.cfg.flat()
-        common = resolve_tags({**git_state(self.root), **orchestration_tags()})
+        common = _redacted(resolve_tags({**git_state(self.root), **orchestration_tags()}))
         pid = pipeline_id()
-        tags = {**common, **input_tags(self.inputs), "stage": self.stage, ROLE_TAG: "stage"}
+        tags = {**common, **_redacted(input_tags(self.inputs)), **owner_tags(), "stage": self.stage,
+                ROLE_TAG: "stage"}
         if pid:
             self.parent_run_id = find_or_create_pipeline_run(client, self.experiment_id, pid, common, params)
             tags.update({PARENT_TAG: self.parent_run_id, PIPELINE_TAG: pid})
@@ -339,6 +356,8 @@ class StageRun:
             return
         if self._sampler is not None:
             self._sampler.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         status = "FAILED" if exc_type else "FINISHED"
         self._outbox.put({"op": "end", "status": status, "end_time": int(time.time() * 1000),
                           "parent_run_id": self.parent_run_id})
@@ -361,4 +380,4 @@ class StageRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._outbox is not None:
-            self._outbox.put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+            self._outbox.put({"op": "tags", "tags": _redacted(tags)})

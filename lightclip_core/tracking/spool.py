@@ -8,14 +8,23 @@ unacknowledged when the stage ends stays on disk, and `lightclip tracking sync` 
 later. Each operation is idempotent on the server (MLflow keeps one copy of an identical metric, tags and artifacts
 are overwritten), so an operation that was delivered but not acknowledged may safely be sent again.
 
-Journal lines: a header `{"header": {"run_id", "tracking_uri"}}`, operations `{"seq": n, "op": ...}` and
-acknowledgements `{"ack": n}` (with `"error"` when the server refused it for good).
+The stage's process holds a lock on its journal until it ends the run (the `end` operation). A journal that nobody
+holds and that has no `end` belongs to a process that died (kill -9, out of memory, a lost node): `sync` delivers
+what it holds and then ends its run with status KILLED, so that no run stays RUNNING for ever.
+
+During an outage the thread logs one line when the server becomes unreachable and one when it is back; urllib3's
+warning for every retried request to MLflow is dropped (:func:`quiet_http_retries`).
+
+Journal lines: a header `{"header": {"run_id", "tracking_uri", "parent_run_id"}}` (the URI without credentials),
+operations `{"seq": n, "op": ...}` and acknowledgements `{"ack": n}` (with `"error"` when the server refused it for
+good).
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -23,19 +32,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable
 
+from lightclip_core.infra.storage import redact_uri
+
 log = logging.getLogger(__name__)
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without `user:password@`: credentials belong in the environment (MLFLOW_TRACKING_USERNAME/PASSWORD
-    or TOKEN) and are never logged or written to the spool."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 _BACKOFF_START_S, _BACKOFF_MAX_S = 1.0, 30.0
@@ -46,6 +45,28 @@ _PERMANENT_HTTP = set(range(400, 500)) - {401, 403, 408, 429}
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached (or refuses our credentials). The message is one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error, credentials masked (MLflow's messages carry the request's full URL)."""
+    return redact_uri((str(err).splitlines() or [type(err).__name__])[0])[:200]  # masked before it is cut
+
+
+class _MlflowRetryNoise(logging.Filter):
+    """urllib3 warns once per retried attempt ("Retrying (Retry(total=2, ...)) after connection broken by ...");
+    during an outage that is a line every few seconds. For requests to MLflow the outbox reports the outage itself,
+    once when it starts and once when it ends."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        url = record.args[-1] if isinstance(record.args, tuple) and record.args else ""
+        return not (str(record.msg).startswith("Retrying (") and "/mlflow" in str(url))
+
+
+def quiet_http_retries() -> None:
+    """Drop urllib3's per-attempt retry warnings for MLflow requests (idempotent)."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _MlflowRetryNoise) for f in logger.filters):
+        logger.addFilter(_MlflowRetryNoise())
 
 
 Op = dict[str, Any]
@@ -67,7 +88,7 @@ class Journal:
             raise
         self._lock = threading.Lock()
         self._closed = False
-        self.header, self.pending, self._seq = read_journal(path)
+        self.header, self.pending, self._seq, self.ended = read_journal(path)
         if header is not None and self.header is None:
             self.header = header
             self._write({"header": header})
@@ -81,6 +102,7 @@ class Journal:
         with self._lock:
             self._seq += 1
             self._write({"seq": self._seq, **op})
+            self.ended = self.ended or op["op"] == "end"
             return self._seq
 
     def ack(self, seq: int, error: str | None = None) -> None:
@@ -100,11 +122,12 @@ class Journal:
             self._file.close()
 
 
-def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, Op]], int]:
-    """The header, the unacknowledged operations in order, and the last sequence number of a journal."""
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, Op]], int, bool]:
+    """The header, the unacknowledged operations in order, the last sequence number of a journal, and whether it
+    holds the end of its run."""
     header, ops, acked, last = None, {}, set(), 0
     if not path.exists():
-        return None, [], 0
+        return None, [], 0, False
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
@@ -117,7 +140,8 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, Op]
         elif "seq" in record:
             seq = record.pop("seq")
             ops[seq], last = record, max(last, seq)
-    return header, [(s, op) for s, op in sorted(ops.items()) if s not in acked], last
+    ended = any(op.get("op") == "end" for op in ops.values())
+    return header, [(s, op) for s, op in sorted(ops.items()) if s not in acked], last, ended
 
 
 # ----------------------------------------------------------------------------------------------- delivery
@@ -166,8 +190,11 @@ def deliver(client: Any, run_id: str, group: list[tuple[int, Op]], files_dir: Pa
             raise FileNotFoundError(f"spooled artifact {local} is missing")
     elif kind == "end":
         client.set_terminated(run_id, first["status"], first["end_time"])
-        if first.get("parent_run_id"):  # the pipeline run shows the state of its latest stage
-            client.set_terminated(first["parent_run_id"], first["status"], first["end_time"])
+        parent = first.get("parent_run_id")
+        # The pipeline run shows the state of its latest stage; a killed stage found later (by `sync`) leaves a
+        # pipeline run alone that has moved on since (a retry finished it).
+        if parent and (first["status"] != "KILLED" or client.get_run(parent).info.status == "RUNNING"):
+            client.set_terminated(parent, first["status"], first["end_time"])
     else:
         raise ValueError(f"unknown spooled operation {kind!r}")
 
@@ -182,11 +209,12 @@ def _tag_entities(tags: dict[str, str]) -> list[Any]:
 class Outbox:
     """Journal + delivery thread for one run: `put` never waits for the network."""
 
-    def __init__(self, spool_dir: str | Path, run_id: str, tracking_uri: str):
+    def __init__(self, spool_dir: str | Path, run_id: str, tracking_uri: str, parent_run_id: str | None = None):
         from mlflow import MlflowClient
 
+        quiet_http_retries()
         self.run_id = run_id
-        header = {"run_id": run_id, "tracking_uri": redact_uri(tracking_uri)}
+        header = {"run_id": run_id, "tracking_uri": redact_uri(tracking_uri), "parent_run_id": parent_run_id}
         self.journal = Journal(Path(spool_dir) / f"{run_id}.jsonl", header)
         self._client = MlflowClient(tracking_uri)
         self._queue: deque[tuple[int, Op]] = deque()
@@ -242,7 +270,7 @@ class Outbox:
                         return
                     delay = min(delay * 2, _BACKOFF_MAX_S)
                     continue
-                error = f"{type(err).__name__}: {err}"
+                error = redact_uri(f"{type(err).__name__}: {err}")
                 log.error("tracking server refused %s for run %s: %s", group[0][1]["op"], self.run_id, error)
             if self._outage_reported:
                 log.warning("tracking server reachable again; delivering the spooled operations of run %s",
@@ -269,9 +297,8 @@ class Outbox:
     def _report_outage(self, err: Exception) -> None:
         if not self._outage_reported:
             self._outage_reported = True
-            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.warning("tracking server unreachable (%s); the stage goes on, run %s is spooled in %s",
-                        first_line[:200], self.run_id, self.journal.path)
+                        first_line(err), self.run_id, self.journal.path)
 
     def close(self, timeout: float) -> int:
         """Wait up to `timeout` s for delivery; keep what is left in the journal. Returns the undelivered count."""
@@ -293,11 +320,13 @@ class Outbox:
 def sync_spool(spool_dir: str | Path) -> dict[str, int]:
     """Deliver every journal left in `spool_dir` to the server it was meant for; {run_id: operations delivered}.
 
-    Journals in use by a running stage are skipped. Raises :class:`TrackingUnavailable` if a server is still
-    unreachable; what was delivered until then stays acknowledged.
+    Journals in use by a running stage are skipped. The run of a journal whose process died before ending it is
+    ended with status KILLED (at the time of the journal's last write) after its operations. Raises
+    :class:`TrackingUnavailable` if a server is still unreachable; what was delivered until then stays acknowledged.
     """
     from mlflow import MlflowClient
 
+    quiet_http_retries()
     delivered: dict[str, int] = {}
     for path in sorted(Path(spool_dir).glob("*.jsonl")):
         try:
@@ -309,12 +338,26 @@ def sync_spool(spool_dir: str | Path) -> dict[str, int]:
             if journal.header is None:
                 log.warning("%s has no header; left in place", path)
                 continue
-            run_id, uri = journal.header["run_id"], journal.header["tracking_uri"]
+            run_id, uri = journal.header["run_id"], delivery_uri(journal.header["tracking_uri"])
+            if not journal.ended:  # nobody holds the journal, yet its run never ended: its process died
+                log.warning("run %s: its process died before ending it; it is ended as KILLED", run_id)
+                end = {"op": "end", "status": "KILLED", "end_time": int(path.stat().st_mtime * 1000),
+                       "parent_run_id": journal.header.get("parent_run_id")}
+                journal.pending.append((journal.append(end), end))
             delivered[run_id] = _drain(MlflowClient(uri), run_id, uri, journal)
             journal.close(remove=True)
         finally:
             journal.close(remove=False)
     return delivered
+
+
+def delivery_uri(recorded: str) -> str:
+    """The URI to deliver a journal to: the journal keeps it without credentials; when the current
+    `MLFLOW_TRACKING_URI` is the same server, that one (with its credentials) is used."""
+    current = os.environ.get("MLFLOW_TRACKING_URI")
+    if current and redact_uri(current) == recorded:
+        return current
+    return recorded.replace("://***@", "://", 1)
 
 
 def _drain(client: Any, run_id: str, uri: str, journal: Journal) -> int:
@@ -327,10 +370,10 @@ def _drain(client: Any, run_id: str, uri: str, journal: Journal) -> int:
             deliver(client, run_id, group, journal.files_dir)
         except Exception as err:  # noqa: BLE001
             if not is_permanent(err):
-                first_line = (str(err).splitlines() or [type(err).__name__])[0][:200]
                 raise TrackingUnavailable(f"run {run_id}: tracking server {redact_uri(uri)} unreachable "
-                                          f"({first_line}); {len(pending)} operations kept in {journal.path}") from None
-            error = f"{type(err).__name__}: {err}"
+                                          f"({first_line(err)}); {len(pending)} operations kept in {journal.path}"
+                                          ) from None
+            error = redact_uri(f"{type(err).__name__}: {err}")
             log.error("tracking server refused %s for run %s: %s", group[0][1]["op"], run_id, error)
         for seq, _ in group:
             journal.ack(seq, error)

@@ -7,10 +7,16 @@ ensemble's embedding of the very view the student sees), `teacher_text_emb` and 
 A reinforced sample picks one of its stored augmentations and one synthetic caption from a generator keyed by
 (train seed, epoch, sample key), so the choice does not depend on worker count or shuffling, and replays the stored
 crop and RandAugment ops at the student's resolution (data/augment.py).
+
+A bad sample (a damaged shard, an image that does not decode, broken reinforcement fields) never stops training: the
+stream skips it, and every sample carries its worker's counts (skips.py) to the main process, where the rank's
+`DataPosition` adds them up; the trainer holds their sum over the ranks to `data.max_skip_fraction`.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +28,16 @@ from torchvision.transforms import functional as TF
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.augment import AugParams, ReplayableAugment
 from lightclip_core.data.reinforced import ReinforcementError, decode_reinforcement
-from lightclip_core.data.shards import (ShardStream, decode_caption, decode_image, iter_raw_samples, read_manifest,
-                                        shard_paths)
+from lightclip_core.data.shards import (ShardStream, decode_caption, decode_image, decoded, iter_raw_samples,
+                                        read_manifest, shard_refs)
+from lightclip_core.data.skips import DataError, SkipTally
 from lightclip_core.data.transforms import image_transform
 from lightclip_core.models.tokenizer import tokenize
 
+log = logging.getLogger(__name__)
+
 EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_syn_text_emb")
+_FIRST_SAMPLES = 64  # how far require_reinforcement looks for a sample whose reinforcement decodes
 
 
 class PairDecoder:
@@ -89,18 +99,20 @@ class ReinforcedDecoder(PairDecoder):
 
 
 WORKER_KEY = "_worker"  # which (logical) DataLoader worker produced a batch; the position bookkeeping reads it
+CONSUMED_KEY = "_consumed"  # raw samples of that worker's epoch read up to this one (skipped ones included)
+SKIPS_KEY = "_skips"  # that worker's skip counts so far in this iteration (SkipTally.vector())
 
 
 class EpochStream(ShardStream):
     """A ShardStream whose decoder learns the epoch too (it is pickled into the workers at every new epoch), and
-    whose samples carry the logical worker that produced them."""
+    whose samples carry the logical worker that produced them, its position and its skip counts."""
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.decode.epoch = epoch
 
-    def _emit(self, worker: int, item: dict[str, Any]) -> dict[str, Any]:
-        return {**item, WORKER_KEY: worker}
+    def _emit(self, worker: int, item: dict[str, Any], consumed: int, counted: list[int]) -> dict[str, Any]:
+        return {**item, WORKER_KEY: worker, CONSUMED_KEY: consumed, SKIPS_KEY: torch.tensor(counted)}
 
 
 def reinforcement_of(train_dir: str | Path) -> dict[str, Any] | None:
@@ -133,7 +145,7 @@ def make_loader(cfg: Config, train_dir: str | Path, rank: int = 0, world_size: i
     else:
         decoder = PairDecoder.for_model(cfg)
     manifest = read_manifest(train_dir)
-    stream = EpochStream(shard_paths(train_dir, manifest), decoder, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
+    stream = EpochStream(shard_refs(train_dir, manifest), decoder, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
                          rank=rank, world_size=world_size, sizes=[s["num_samples"] for s in manifest["shards"]],
                          samples_per_epoch=t.samples_per_epoch)
     loader = torch.utils.data.DataLoader(
@@ -156,17 +168,25 @@ def require_reinforcement(train_dir: str | Path, why: str = "objectives.distill.
     if not reinforcement.get("complete", False):
         raise ConfigError(f"{why}: {train_dir} is only partly reinforced "
                           f"({reinforcement.get('missing_shards')} shards missing); rerun `lightclip reinforce`")
-    first = next(iter_raw_samples(shard_paths(train_dir)[:1]), None)
+    # the first sample whose reinforcement decodes (a bad one is the stream's to skip and count); none among the
+    # first few is a split without usable reinforcement: its first problem, in one line, before any work
+    probe = SkipTally(verbose=False)
+    raws = itertools.islice(iter_raw_samples(shard_refs(train_dir), probe), _FIRST_SAMPLES)
+    first = next(decoded(raws, lambda raw: (raw["__key__"], decode_reinforcement(raw)), probe), None)
+    if first is None and "bad_reinforcement" in probe.first:
+        raise ReinforcementError(f"{train_dir}: no usable reinforcement in its first {probe.seen} samples; first "
+                                 f"problem: {probe.first['bad_reinforcement']}")
     if first is not None:
-        width, expected = decode_reinforcement(first).dim, sum(reinforcement["dims"])
+        width, expected = first[1].dim, sum(reinforcement["dims"])
         if width != expected:
-            raise ReinforcementError(f"sample {first['__key__']!r}: teacher embedding width {width} != {expected}, "
+            raise ReinforcementError(f"sample {first[0]!r}: teacher embedding width {width} != {expected}, "
                                      f"the sum of the manifest's teacher dims {reinforcement['dims']}")
     return reinforcement
 
 
 def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_steps: int):
-    """Yield (epoch, batch dict) until `total_steps` batches, reshuffling shards every epoch."""
+    """Yield (epoch, batch dict) until `total_steps` batches, reshuffling shards every epoch. The loader runs in this
+    process (no workers), so `stream.tally` holds what was skipped."""
     step, epoch = 0, 0
     while step < total_steps:
         stream.set_epoch(epoch)
@@ -179,6 +199,9 @@ def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_step
             if step >= total_steps:
                 return
         if produced == 0:
+            if stream.tally.total_skipped:
+                raise DataError(f"the training data yielded no full batch: {stream.tally.total_skipped} of "
+                                f"{stream.tally.seen} samples skipped ({stream.tally.describe()})")
             raise RuntimeError("the training data yielded no full batch: more shards or a smaller batch are needed")
         epoch += 1
 
@@ -186,22 +209,36 @@ def batches(loader: torch.utils.data.DataLoader, stream: ShardStream, total_step
 @dataclass
 class DataPosition:
     """Where this rank stands in the data: the epoch, the micro-batches consumed in it (in all, and per logical
-    DataLoader worker), the worker whose turn is next, and the samples consumed since the start of training."""
+    DataLoader worker, with the samples each worker skipped in it), the worker whose turn is next, the samples
+    consumed since the start of training, and what this rank skipped since then (`skips`, SkipTally.state_dict)."""
 
     epoch: int = 0
     batches: int = 0
     worker_batches: list[int] = field(default_factory=list)
     next_worker: int = 0
     samples: int = 0
+    worker_skipped: list[int] = field(default_factory=list)
+    skips: SkipTally = field(default_factory=SkipTally)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches": self.batches, "worker_batches": list(self.worker_batches),
-                "next_worker": self.next_worker, "samples": self.samples}
+                "next_worker": self.next_worker, "samples": self.samples,
+                "worker_skipped": list(self.worker_skipped), "skips": self.skips.state_dict()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> DataPosition:
-        return cls(int(state["epoch"]), int(state["batches"]), [int(n) for n in state["worker_batches"]],
-                   int(state["next_worker"]), int(state["samples"]))
+        workers = [int(n) for n in state["worker_batches"]]
+        return cls(int(state["epoch"]), int(state["batches"]), workers, int(state["next_worker"]),
+                   int(state["samples"]), [int(n) for n in state.get("worker_skipped", [0] * len(workers))],
+                   SkipTally.from_state(state.get("skips")))
+
+
+def ranks_skips(states: list[dict[str, Any]]) -> SkipTally:
+    """The sum of every rank's skip counts, from their gathered `DataPosition.state_dict()`s."""
+    total = SkipTally()
+    for state in states:
+        total.update(SkipTally.from_state(state.get("skips")))
+    return total
 
 
 class StepBatches:
@@ -209,8 +246,10 @@ class StepBatches:
 
     Every rank takes the same number of steps per epoch (`steps_in_epoch`, computed from the manifest's shard sizes
     for the slowest rank), so that ranks stay in step; a rank's surplus micro-batches at the end of an epoch are
-    dropped. The position after each step is exact: resuming from it (a new StepBatches) regenerates the epoch's
-    order and skips the consumed raw samples of every worker before decoding, so the rest of the epoch is the same
+    dropped. A rank whose skipped samples leave it short of that count starts its next epoch early (its epoch number
+    may then run ahead of the others'; the step count, which the ranks synchronise on, does not). The position after
+    each step is exact: resuming from it (a new StepBatches) regenerates the epoch's order and skips the consumed raw
+    samples of every worker (those it skipped as bad included) before decoding, so the rest of the epoch is the same
     batches in the same order as without the interruption.
     """
 
@@ -224,10 +263,13 @@ class StepBatches:
         self.samples_per_epoch, self.global_batch = samples_per_epoch, global_batch
         if not self.position.worker_batches:
             self.position.worker_batches = [0] * self.workers
+        if not self.position.worker_skipped:
+            self.position.worker_skipped = [0] * self.workers
         if len(self.position.worker_batches) != self.workers:
             raise ValueError(f"the data position has {len(self.position.worker_batches)} workers, the loader "
                              f"{self.workers}")
         self._iterator = None
+        self._counted: dict[int, list[int]] = {}  # each worker's counts already added to the position
         self._sizes = dict(zip(stream.urls, stream.sizes or []))
         self._steps: dict[int, int] = {}
 
@@ -246,7 +288,9 @@ class StepBatches:
     def _start_epoch(self) -> None:
         p = self.position
         self.stream.set_epoch(p.epoch)
-        self.stream.skip = {w: n * self.local_batch for w, n in enumerate(p.worker_batches) if n}
+        self.stream.skip = {w: n * self.local_batch + p.worker_skipped[w] for w, n in enumerate(p.worker_batches)
+                            if n or p.worker_skipped[w]}
+        self._counted = {}
         self.stream.worker_offset = p.next_worker
         if self.loader.generator is not None:  # worker seeds: a function of (seed, epoch), also after a resume
             self.loader.generator.manual_seed(self.stream.seed * 100_003 + p.epoch)
@@ -255,27 +299,51 @@ class StepBatches:
     def next_step(self) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """(epoch, the `accum_steps` micro-batches of the next optimizer step); the position then includes them."""
         p = self.position
-        if p.batches >= self.steps_in_epoch(p.epoch) * self.accum_steps:
-            if p.batches == 0:
-                raise RuntimeError(f"epoch {p.epoch} gives no full step: the training split needs more shards or a "
-                                   f"smaller train.batch_size (each rank takes whole shards)")
-            self._close()
-            p.epoch, p.batches, p.worker_batches, p.next_worker = p.epoch + 1, 0, [0] * self.workers, 0
-        if self._iterator is None:
-            self._start_epoch()
         micro = []
-        for _ in range(self.accum_steps):
+        while len(micro) < self.accum_steps:
+            if p.batches >= self.steps_in_epoch(p.epoch) * self.accum_steps:
+                if p.batches == 0:
+                    raise RuntimeError(f"epoch {p.epoch} gives no full step: the training split needs more shards or "
+                                       f"a smaller train.batch_size (each rank takes whole shards)")
+                self._next_epoch()
+            if self._iterator is None:
+                self._start_epoch()
             batch = next(self._iterator, None)
-            if batch is None:
-                raise RuntimeError(f"epoch {p.epoch} ended after {p.batches} micro-batches on rank "
-                                   f"{self.stream.rank}, fewer than the manifest's shard sizes give")
-            worker = int(batch.pop(WORKER_KEY)[0])
-            p.worker_batches[worker] += 1
-            p.next_worker = (worker + 1) % self.workers
-            p.batches += 1
-            p.samples += self.local_batch
+            if batch is None:  # skipped samples left this rank's epoch short of the manifest's sizes
+                if p.batches == 0:
+                    raise DataError(f"epoch {p.epoch} gives no full batch on rank {self.stream.rank}: "
+                                    f"{p.skips.total_skipped} of {p.skips.seen} samples skipped so far "
+                                    f"({p.skips.describe()})")
+                log.info("epoch %d ended after %d micro-batches on rank %d (samples were skipped); starting the next",
+                         p.epoch, p.batches, self.stream.rank)
+                self._next_epoch()
+                continue
+            self._account(batch)
             micro.append(batch)
         return p.epoch, micro
+
+    def _account(self, batch: dict[str, Any]) -> None:
+        """Move the position past a micro-batch and add the skip counts its worker reported since its last one."""
+        p = self.position
+        worker = int(batch.pop(WORKER_KEY)[0])
+        consumed = int(batch.pop(CONSUMED_KEY)[-1])
+        counted = [int(n) for n in batch.pop(SKIPS_KEY)[-1].tolist()]
+        before = self._counted.get(worker, [0] * len(counted))
+        p.skips.add_vector([now - then for now, then in zip(counted, before)])
+        self._counted[worker] = counted
+        for reason, detail in self.stream.tally.first.items():  # details travel only without worker processes
+            p.skips.first.setdefault(reason, detail)
+        p.worker_batches[worker] += 1
+        p.worker_skipped[worker] = consumed - p.worker_batches[worker] * self.local_batch
+        p.next_worker = (worker + 1) % self.workers
+        p.batches += 1
+        p.samples += self.local_batch
+
+    def _next_epoch(self) -> None:
+        p = self.position
+        self._close()
+        p.epoch, p.batches, p.next_worker = p.epoch + 1, 0, 0
+        p.worker_batches, p.worker_skipped = [0] * self.workers, [0] * self.workers
 
     def _close(self) -> None:
         self._iterator = None  # drops the DataLoader iterator, which stops its workers

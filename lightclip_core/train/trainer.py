@@ -13,6 +13,11 @@ local batch), so a model with BatchNorm trains slightly differently on N ranks. 
 the tracking metrics and the checkpoints; every rank stops together (the loss is averaged over ranks before the
 finiteness check, so a NaN on one rank stops all).
 
+Bad samples are skipped and counted per rank (train/data.py). `data.max_skip_fraction` is judged on their sum over
+the ranks, which the ranks exchange at every checkpoint and at the end (so they all stop together, before writing
+the checkpoint or `final.pt`); a single process also judges its own counts after every step. Either stops early
+only when the skipped samples exceed the limit's share of the whole split.
+
 Resume: a step checkpoint holds everything the next step depends on (model, objectives with their EMA, optimizer,
 scheduler, every RNG state of every rank, every rank's data position) and a fingerprint of the training-relevant
 configuration. `train` continues from the newest valid checkpoint in `<out>/checkpoints` when the fingerprint matches
@@ -52,7 +57,7 @@ from lightclip_core.models.tokenizer import trim_padding
 from lightclip_core.train.checkpoint import (checkpoint_name, load_checkpoint, newest_valid_checkpoint,
                                              prune_checkpoints, remove_partial_writes, save_checkpoint)
 from lightclip_core.train.data import (EXTRA_KEYS, DataPosition, StepBatches, local_batch_size, make_loader,
-                                       reinforcement_of)
+                                       ranks_skips, reinforcement_of)
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -115,7 +120,7 @@ def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
     t = cfg.train
     steps_per_epoch = (t.samples_per_epoch or num_samples) // t.batch_size
     if num_samples < t.batch_size:
-        raise ValueError(f"train.batch_size={t.batch_size}: larger than the training split ({num_samples})")
+        raise ConfigError(f"train.batch_size={t.batch_size}: larger than the training split ({num_samples})")
     total = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     return steps_per_epoch, total
 
@@ -342,6 +347,9 @@ class _Trainer:
                         self.sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
                     bar.update()
+                    if not world.distributed:
+                        data.position.skips.check_running(cfg.data.max_skip_fraction, manifest["num_samples"],
+                                                          f"--data {self.train_dir}")
                     if step % t.checkpoint_every == 0 and step < total_steps:
                         self._checkpoint(step, model, objectives, optimizer, scheduler, data, fingerprint)
         finally:
@@ -349,10 +357,13 @@ class _Trainer:
 
         wall = time.perf_counter() - started
         final = self.out_dir / "final.pt"
+        positions = all_gather_objects(data.position.state_dict())
+        skips = ranks_skips(positions)
+        skips.check(cfg.data.max_skip_fraction, f"--data {self.train_dir}")  # every rank: the same sum
         if world.is_main:
             save_checkpoint(final, {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"),
                                     "step": step, "lineage": training_lineage(cfg, manifest)})
-        rank_samples = [p["samples"] for p in all_gather_objects(data.position.state_dict())]
+        rank_samples = [p["samples"] for p in positions]
         trained = step - resumed_from
         tail = step_log.rows[-min(len(step_log.rows), 20):]
         metrics = {
@@ -362,6 +373,7 @@ class _Trainer:
             "samples_per_s": trained * t.batch_size / wall if trained else 0.0,
             "final_loss": float(np.mean([r["loss"] for r in tail])) if tail else float("nan"),
             "final_logit_scale": tail[-1]["logit_scale"] if tail else float("nan"),
+            **skips.metrics(),
         }
         if world.is_main:
             log.info("trained %d steps (%d in this run) in %.1f s (%.1f samples/s), final loss %.4f; samples consumed "
@@ -399,11 +411,15 @@ class _Trainer:
 
     def _checkpoint(self, step: int, model: nn.Module, objectives: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, data: StepBatches, fingerprint: str) -> None:
-        """Every rank contributes its RNG states and data position; rank 0 writes, then prunes."""
+        """Every rank contributes its RNG states and data position; rank 0 writes, then prunes. Past the skip limit
+        (the ranks' counts summed) every rank stops here, before anything is written."""
         ranks = all_gather_objects({"rng": rng_state(), "data": data.position.state_dict()})
+        t = self.cfg.train
+        manifest_samples = sum(data.stream.sizes or [])
+        ranks_skips([r["data"] for r in ranks]).check_running(self.cfg.data.max_skip_fraction, manifest_samples,
+                                                              f"--data {self.train_dir}")
         if not self.world.is_main:
             return
-        t = self.cfg.train
         save_checkpoint(self.ckpt_dir / checkpoint_name(step), {
             "format": CHECKPOINT_FORMAT, "step": step, "epoch": data.position.epoch,
             "model": model.state_dict(), "objectives": objectives.state_dict(),
