@@ -620,6 +620,10 @@ def test_the_manifests_mlflow_server_refuses_anonymous_clients_and_the_readme_ma
                                 (INFRA / "README.md").read_text(), flags=re.M)
         done = subprocess.run(["bash", "-c", command.replace("http://localhost:5000", uri)], capture_output=True,
                               text=True, timeout=120, env={**os.environ, "MLFLOW_ADMIN": admin[0],
+                                                           # the command's `python` is this environment's, as in
+                                                           # the MLflow image, also where the venv is not activated
+                                                           "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                                                   f"{os.environ.get('PATH', '')}",
                                                            "MLFLOW_ADMIN_PASSWORD": admin[1],
                                                            "MLFLOW_USER": pipeline[0],
                                                            "MLFLOW_PASSWORD": pipeline[1]})
