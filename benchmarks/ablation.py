@@ -69,16 +69,21 @@ def ensure_data(work: Path) -> Path:
     return data
 
 
-def one_run(name: str, seed: int, steps: int, data: Path, out: Path, threads: int | None) -> dict[str, float]:
-    """train -> export -> evaluate for one (configuration, seed); returns the metrics that the table reports."""
-    extra = [f"train.seed={seed}", f"train.max_steps={steps}"] + ([f"train.threads={threads}"] if threads else [])
-    cfg = run_config(name, extra)
+def train_export_evaluate(cfg, data: Path, split: str, out: Path) -> dict[str, float]:
+    """The product's train -> export -> evaluate on `data/<split>`: the METRICS the tables report, and training's
+    wall time."""
     result = train(cfg, data / "train", out / "train")
     exported = export(cfg, result.final_checkpoint, out / "export")
-    metrics = evaluate(cfg, exported.out_dir, data / "test", out / "eval", train_log=result.train_log).metrics
+    metrics = evaluate(cfg, exported.out_dir, data / split, out / "eval", train_log=result.train_log).metrics
     row = {key: metrics[source] for key, source in METRICS.items()}
     row["wall_time_s"] = result.metrics["wall_time_s"]
     return row
+
+
+def one_run(name: str, seed: int, steps: int, data: Path, out: Path, threads: int | None) -> dict[str, float]:
+    """train -> export -> evaluate for one (configuration, seed) on the test split."""
+    extra = [f"train.seed={seed}", f"train.max_steps={steps}"] + ([f"train.threads={threads}"] if threads else [])
+    return train_export_evaluate(run_config(name, extra), data, "test", out)
 
 
 def step_times(name: str, steps: int, data: Path, out: Path) -> float:

@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import ensure_data  # noqa: E402
+from ablation import METRICS, ensure_data, train_export_evaluate  # noqa: E402
 from common import ROOT, publish, replace_section  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.shards import decode_image, iter_raw_samples  # noqa: E402
 from lightclip_core.data.synthetic import SHAPES  # noqa: E402
 from lightclip_core.data.transforms import image_transform  # noqa: E402
-from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
-from lightclip_core.export.exporter import export  # noqa: E402
-from lightclip_core.train.trainer import train  # noqa: E402
 
 CLIP_ONLY = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
              "objectives.mlm.enabled=false", "objectives.distill.enabled=false"]
@@ -58,9 +55,6 @@ PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and 
     "probe_os16": {"kwargs": {"output_stride": 16}},
     "probe_resnet18": {"tower": "resnet18"},
 }
-METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
-           "colour_shape": "zeroshot/colour_shape/top1", "i2t_R@1": "retrieval/image_to_text/R@1",
-           "t2i_R@1": "retrieval/text_to_image/R@1"}
 PROBE_LR = 3e-3
 PROBE_WARMUP = 30
 
@@ -70,13 +64,8 @@ def base_config(extra: list[str]):
 
 
 def clip_run(arm: str, seed: int, steps: int, data: Path, out: Path) -> dict[str, float]:
-    cfg = base_config([*ARMS[arm], f"train.seed={seed}", f"train.max_steps={steps}"])
-    result = train(cfg, data / "train", out / "train")
-    exported = export(cfg, result.final_checkpoint, out / "export")
-    metrics = evaluate(cfg, exported.out_dir, data / "val", out / "eval", train_log=result.train_log).metrics
-    row = {key: metrics[source] for key, source in METRICS.items()}
-    row["wall_time_s"] = result.metrics["wall_time_s"]
-    return row
+    return train_export_evaluate(base_config([*ARMS[arm], f"train.seed={seed}", f"train.max_steps={steps}"]), data,
+                                 "val", out)
 
 
 def load_split(path: Path, cfg, size: int) -> tuple[torch.Tensor, torch.Tensor]:
