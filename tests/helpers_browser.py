@@ -43,6 +43,17 @@ def wait_for_text(driver, text: str, timeout: float = 60.0) -> str:
     return page_text(driver)
 
 
+def wait_for_element(driver, css: str, timeout: float = 60.0):
+    """The first element matching the CSS selector once it is rendered: the runs table fills in its rows after the
+    page already shows its header and run count, so a lookup right after `wait_for_text` can race the grid."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
 def screenshot(driver, name: str) -> Path:
     """Save what the browser shows to docs/images/<name>.png (the README shows these)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def test_stakeholder_pages_in_a_real_browser(project):
     in docs/images/ for the README."""
     import mlflow
     from conftest import MlflowServer
-    from helpers_browser import chromium, screenshot, wait_for_text
+    from helpers_browser import chromium, screenshot, wait_for_element, wait_for_text
     from selenium.webdriver.common.by import By
 
     from lightclip_core.tracking.mlflow_utils import experiment_page
@@ -163,7 +163,7 @@ def test_stakeholder_pages_in_a_real_browser(project):
         driver.get(experiment_page(server.uri, experiment.experiment_id))
         text = wait_for_text(driver, "matching runs")
         assert "/runs" in driver.current_url and "No data available" not in text  # the runs, not a traces page
-        row = driver.find_element(By.CSS_SELECTOR, f"a[href$='/runs/{pipeline_id}']")
+        row = wait_for_element(driver, f"a[href$='/runs/{pipeline_id}']")
         assert row.text.startswith("pipeline ")
         row.find_element(By.XPATH, "./ancestor::div[contains(@class, 'ag-cell')][1]//button").click()  # expand
         for stage in stages:  # every stage of this pipeline run is listed under it once expanded
