@@ -134,6 +134,10 @@ class ContrastiveObjectiveConfig(Section):
 
     enabled: bool = True
     weight: float = Field(1.0, gt=0)
+    loss: Literal["infonce", "max_violation", "sum_hinge", "sigmoid"] = Field(
+        "infonce", description="infonce: CLIP; max_violation / sum_hinge: VSE++'s hinges on the cosine with `margin`; "
+                               "sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias)")
+    margin: float = Field(0.2, gt=0.0, le=2.0, description="the hinges' margin on the cosine similarity")
     soft_targets: Literal["none", "uniform", "similarity"] = Field(
         "uniform", description="uniform: eps/(N-1) on every negative; similarity: eps * softmax of a detached "
                                "similarity over the negatives")
@@ -144,6 +148,13 @@ class ContrastiveObjectiveConfig(Section):
         "online", description="online: the model's own detached logits; ema: an EMA copy of the model (ALBEF)")
     ema_momentum: float = Field(0.995, gt=0.0, lt=1.0)
     similarity_temperature: float = Field(1.0, gt=0.0, description="divides the (scaled) similarity logits")
+
+    @model_validator(mode="after")
+    def _soft_targets_need_infonce(self) -> ContrastiveObjectiveConfig:
+        if self.loss != "infonce" and self.soft_targets != "none":
+            raise ValueError(f"objectives.contrastive.soft_targets={self.soft_targets!r} softens InfoNCE's targets "
+                             f"only; set it to none for loss={self.loss!r}")
+        return self
 
 
 class TokenObjectiveConfig(Section):
@@ -179,6 +190,16 @@ class MLMObjectiveConfig(Section):
     batch_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the batch the masked pass reads")
 
 
+class ITMObjectiveConfig(Section):
+    """Image-text matching (ALBEF): matched / not matched from the fused pass (the fusion of `mlm.fusion`, shared
+    with MLM), on each pair and one negative text per image and one negative image per text."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, gt=0)
+    negatives: Literal["hard", "random"] = Field(
+        "hard", description="hard: drawn in proportion to the contrastive similarity; random: uniformly")
+
+
 class DistillObjectiveConfig(Section):
     """MobileCLIP's distillation from the teacher embeddings a reinforced dataset stores (METHOD.md 2.2)."""
 
@@ -202,12 +223,22 @@ class ObjectivesConfig(Section):
     contrastive: ContrastiveObjectiveConfig = ContrastiveObjectiveConfig()
     token: TokenObjectiveConfig = TokenObjectiveConfig()
     mlm: MLMObjectiveConfig = MLMObjectiveConfig()
+    itm: ITMObjectiveConfig = ITMObjectiveConfig()
     distill: DistillObjectiveConfig = DistillObjectiveConfig()
 
     @model_validator(mode="after")
     def _something_to_train(self) -> ObjectivesConfig:
-        if not (self.contrastive.enabled or self.token.enabled or self.mlm.enabled or self.distill.enabled):
-            raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm, distill")
+        if not (self.contrastive.enabled or self.token.enabled or self.mlm.enabled or self.itm.enabled
+                or self.distill.enabled):
+            raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm, itm, "
+                             "distill")
+        return self
+
+    @model_validator(mode="after")
+    def _itm_sees_the_image(self) -> ObjectivesConfig:
+        if self.itm.enabled and not self.mlm.fusion:
+            raise ValueError("objectives.itm.enabled=true needs a fusion point in objectives.mlm.fusion (the fused "
+                             "pass that ITM shares with MLM); without one the matching head never sees the image")
         return self
 
 
@@ -305,6 +336,15 @@ class Config(Section):
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()  # Kubeflow tasks' CPU and memory; read by no stage
+
+    @model_validator(mode="after")
+    def _sigmoid_loss_has_a_bias(self) -> Config:
+        sigmoid = self.objectives.contrastive.enabled and self.objectives.contrastive.loss == "sigmoid"
+        if sigmoid != (self.model.init_logit_bias is not None):
+            raise ValueError(f"model.init_logit_bias={self.model.init_logit_bias}: the sigmoid loss needs the "
+                             f"model's learnable bias (SigLIP: -10 with init_logit_scale 2.3026) and nothing else "
+                             f"trains it; set it exactly when objectives.contrastive.loss=sigmoid")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Parameters flattened to dotted keys, as logged to MLflow."""

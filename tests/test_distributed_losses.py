@@ -4,7 +4,9 @@ Two gloo processes on 127.0.0.1, each holding the same initialisation wrapped as
 objectives))` and one half of a fixed batch of 8, run one forward and backward per objective set. The reference is
 one process computing `TrainingLoss` on the whole batch. The global loss and every term, and the DDP-averaged
 gradient of every parameter (model and objectives), must match the reference within 1e-5; the plain contrastive
-loss is also checked, rank by rank, against open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`.
+loss is also checked, rank by rank, against open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`, and the
+sigmoid loss (gathered text columns) against open_clip's `SigLipLoss(rank, world_size)`, which passes the texts
+between neighbouring ranks instead.
 
 BatchNorm keeps per-rank batch statistics under DDP (SyncBatchNorm needs CUDA), so the tiny model's BatchNorm layers
 run in eval mode (running statistics) while everything else trains; the rest of the model has no batch statistics.
@@ -21,12 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightclip_core.config import Config
-from lightclip_core.losses.instance import ContrastiveObjective
+from lightclip_core.losses.instance import LOSSES, ContrastiveObjective
 from lightclip_core.losses.mlm import MaskedLanguageObjective, selected_rows
 from lightclip_core.losses.objective import TrainingLoss, build_objectives
 from lightclip_core.models import build_model
@@ -58,6 +60,11 @@ MLM = {"mask_prob": 0.4, "batch_fraction": 0.375, "weight": 1.5,
        "fusion": [{"text_layer": 0, "image_stride": 8}, {"text_layer": 1, "image_stride": 16},
                   {"text_layer": 2, "image_stride": 32}]}
 DISTILL = {"lam": 0.5, "caption_batches": "both", "weight": 0.7}
+MAX_VIOLATION = {"loss": "max_violation", "margin": 0.2, "soft_targets": "none"}
+SUM_HINGE = {"loss": "sum_hinge", "margin": 0.1, "soft_targets": "none"}  # about 85% of the hinges active
+SIGMOID = {"loss": "sigmoid", "soft_targets": "none"}
+# cases whose model differs from MODEL: the sigmoid loss needs the model's learnable bias
+MODELS = {"sigmoid": {**MODEL, "init_logit_bias": -10.0}}
 # objective set -> (objectives section, whether some parameters get no gradient: DDP must look for them)
 CASES = {
     "contrastive": ({"contrastive": PLAIN, "token": OFF, "mlm": OFF, "distill": OFF}, False),
@@ -70,6 +77,10 @@ CASES = {
     "mlm_one_rank_reads_nothing": ({"contrastive": OFF, "token": OFF, "mlm": {**MLM, "batch_fraction": 0.125},
                                     "distill": OFF}, True),
     "distill": ({"contrastive": OFF, "token": OFF, "mlm": OFF, "distill": DISTILL}, False),
+    # the hinges read the cosine only: the logit scale gets no gradient
+    "max_violation": ({"contrastive": MAX_VIOLATION, "token": OFF, "mlm": OFF, "distill": OFF}, True),
+    "sum_hinge": ({"contrastive": SUM_HINGE, "token": OFF, "mlm": OFF, "distill": OFF}, True),
+    "sigmoid": ({"contrastive": SIGMOID, "token": OFF, "mlm": OFF, "distill": OFF}, False),
     "all": ({"contrastive": {**EMA, "weight": 0.5}, "token": TOKEN, "mlm": MLM, "distill": DISTILL}, False),
 }
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -104,7 +115,7 @@ def _training_loss(case: str) -> TrainingLoss:
     """The same initialisation in every process: model, objectives, an EMA copy that differs from the model, fusion
     blocks that are not the identity; BatchNorm in eval mode, everything else training."""
     objectives, _ = CASES[case]
-    cfg = Config.model_validate({"model": MODEL, "objectives": objectives})
+    cfg = Config.model_validate({"model": MODELS.get(case, MODEL), "objectives": objectives})
     torch.manual_seed(0)
     model = build_model(cfg.model)
     module = TrainingLoss(model, build_objectives(cfg, model, REINFORCEMENT))
@@ -156,12 +167,40 @@ def _open_clip_comparison(rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _siglip_features() -> tuple[torch.Tensor, ...]:
+    """The whole batch's features (float64, normalised), scale (the multiplier) and bias for the SigLIP comparison."""
+    gen = torch.Generator().manual_seed(11)
+    image = F.normalize(torch.randn(8, 16, generator=gen, dtype=torch.float64), dim=-1)
+    text = F.normalize(image + torch.randn(8, 16, generator=gen, dtype=torch.float64), dim=-1)
+    return image, text, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+
+
+def _siglip_comparison(rank: int) -> dict[str, torch.Tensor]:
+    """Our sigmoid objective (this rank's images against the gathered texts) and open_clip's SigLipLoss (texts passed
+    between neighbouring ranks) on this rank's slice of the same features: the rank's loss and the gradients each
+    sends to this rank's features, the scale and the bias."""
+    image, text, scale, bias = _siglip_features()
+    part = slice(rank * 4, (rank + 1) * 4)
+    out = {}
+    for tag in ("ours", "open_clip"):
+        img, txt, s, b = (t.clone().requires_grad_() for t in (image[part], text[part], scale, bias))
+        if tag == "ours":
+            loss = ContrastiveObjective(soft_targets="none", loss="sigmoid")(
+                {"image_features": img, "text_features": txt, "logit_scale": s, "logit_bias": b})["contrastive_loss"]
+        else:
+            loss = SigLipLoss(rank=rank, world_size=WORLD)(img, txt, s, b)
+        loss.backward()
+        out.update({f"{tag}_loss": loss.detach(), f"{tag}_image_grad": img.grad, f"{tag}_text_grad": txt.grad,
+                    f"{tag}_scale_grad": s.grad, f"{tag}_bias_grad": b.grad})
+    return out
+
+
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        results: dict = {"open_clip": _open_clip_comparison(rank)}
+        results: dict = {"open_clip": _open_clip_comparison(rank), "siglip": _siglip_comparison(rank)}
         batch = _rows(_batch(), rank, world_size)
         for case, (_, some_unused) in CASES.items():
             module = _training_loss(case)
@@ -246,6 +285,9 @@ def test_every_objective_parameter_is_covered():
     trained = {n.split(".")[1] for n, p in module.named_parameters() if n.startswith("objectives.") and p.requires_grad}
     assert [o.name for o in module.objectives] == ["contrastive", "token", "mlm", "distill"]
     assert trained == {"1", "2"}  # token (projections), mlm (fusion, head, mask row); contrastive's EMA is frozen
+    losses = {o["contrastive"].get("loss", "infonce") for o, _ in CASES.values() if o["contrastive"] is not OFF}
+    assert losses == set(LOSSES)  # every instance-level loss has a case
+    assert "logit_bias" in dict(_training_loss("sigmoid").model.named_parameters())
     assert [selected_rows(4 * r, 4, MLM["batch_fraction"]) for r in range(WORLD)] == [[0, 2], [1]]
     assert [selected_rows(4 * r, 4, 0.125) for r in range(WORLD)] == [[0], []]
 
@@ -256,3 +298,26 @@ def test_contrastive_matches_open_clip_local_loss_with_gathered_features(ranks):
         for what in ("loss", "image_grad", "text_grad", "scale_grad"):
             torch.testing.assert_close(got[f"ours_{what}"], got[f"open_clip_{what}"], rtol=1e-6, atol=1e-7)
         assert got["ours_image_grad"].abs().sum() > 0
+
+
+def test_sigmoid_matches_open_clip_siglip_with_neighbour_exchange(ranks):
+    for r in ranks:
+        got = r["siglip"]
+        for what in ("loss", "image_grad", "text_grad", "scale_grad", "bias_grad"):
+            torch.testing.assert_close(got[f"ours_{what}"], got[f"open_clip_{what}"], rtol=1e-10, atol=1e-12,
+                                       msg=what)
+        assert got["ours_text_grad"].abs().sum() > 0 and got["ours_bias_grad"] != 0
+
+
+def test_sigmoid_rank_losses_average_to_single_process_siglip(ranks):
+    """The mean over ranks of the rank losses is open_clip's SigLipLoss on the whole batch in one process, and the mean
+    of the ranks' scale and bias gradients is its gradient."""
+    image, text, scale, bias = _siglip_features()
+    scale, bias = scale.requires_grad_(), bias.requires_grad_()
+    whole = SigLipLoss(rank=0, world_size=1)(image, text, scale, bias)
+    whole.backward()
+    mean = sum(r["siglip"]["ours_loss"] for r in ranks) / WORLD
+    torch.testing.assert_close(mean, whole.detach(), rtol=1e-12, atol=1e-12)
+    for name, leaf in (("scale", scale), ("bias", bias)):
+        torch.testing.assert_close(sum(r["siglip"][f"ours_{name}_grad"] for r in ranks) / WORLD, leaf.grad,
+                                   rtol=1e-12, atol=1e-12, msg=name)

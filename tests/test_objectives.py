@@ -19,7 +19,8 @@ from lightclip_core.export.exporter import export, model_from_checkpoint
 from lightclip_core.export.load import load_exported
 from lightclip_core.losses import StepContext
 from lightclip_core.losses.instance import ContrastiveObjective, eps_at
-from lightclip_core.losses.mlm import FusionBlock, MaskedLanguageObjective, mask_tokens
+from lightclip_core.losses.fusion import FusionBlock
+from lightclip_core.losses.mlm import MaskedLanguageObjective, mask_tokens
 from lightclip_core.losses.objective import TrainingLoss, build_objectives, forward_needs
 from lightclip_core.models import build_model
 from lightclip_core.models.tokenizer import special_token_ids, tokenize, trim_padding, vocab_size, word_mask
@@ -157,7 +158,7 @@ def test_mlm_loss_ignores_the_targets_at_unchosen_positions(setup):
     _, model, objectives, images, tokens, outputs = setup
     mlm = _mlm(objectives)
     _randomise_fusion(mlm)
-    mlm.causal = True
+    mlm.fusion.causal = True  # the attention of the fused pass lives in the (shared) fusion module
     seed = 11
     _, _, chosen = _replay(tokens, seed)
     base = _run(mlm, outputs, tokens, images, model, seed)["mlm_loss"]
@@ -400,7 +401,7 @@ def test_causal_masked_pass_does_not_see_later_tokens(setup, monkeypatch, causal
     _, model, objectives, images, tokens, outputs = setup
     mlm = _mlm(objectives)
     _randomise_fusion(mlm)
-    mlm.causal = causal
+    mlm.fusion.causal = causal
     hidden = []
     real = model.text.forward_tokens
 

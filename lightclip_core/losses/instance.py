@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from lightclip_core.infra.distributed import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.pairwise import HINGES, hinge_loss, sigmoid_loss
 
 
 def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -48,6 +49,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+LOSSES = ("infonce", *HINGES, "sigmoid")
 KINDS = ("uniform", "similarity")
 
 
@@ -181,7 +183,8 @@ def _ema_update(momentum: float):
 class ContrastiveObjective(Objective):
     """The instance level: CLIP's loss, or LightCLIP's progressively softened targets (`soft_targets` uniform or
     similarity, eps from a schedule over the global step, logged as `soft_eps`). The similarity source is the
-    model's own detached logits, or an EMA copy of the model (ALBEF's momentum distillation).
+    model's own detached logits, or an EMA copy of the model (ALBEF's momentum distillation). `loss` replaces
+    InfoNCE by VSE++'s hinges or SigLIP's sigmoid loss (losses/pairwise.py), which take no soft targets.
 
     Data parallel: this rank's rows against the global batch's columns (features gathered with gradients, EMA
     features without); the loss is the mean over this rank's rows, so the mean over ranks is the global loss."""
@@ -190,8 +193,13 @@ class ContrastiveObjective(Objective):
 
     def __init__(self, soft_targets: str = "none", eps_schedule: str = "constant", eps_start: float = 0.0,
                  eps_end: float = 0.0, temperature: float = 1.0, ema_of: nn.Module | None = None,
-                 ema_momentum: float = 0.995, weight: float = 1.0):
+                 ema_momentum: float = 0.995, weight: float = 1.0, loss: str = "infonce", margin: float = 0.2):
         super().__init__(weight)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if loss != "infonce" and soft_targets != "none":
+            raise ValueError(f"soft targets soften InfoNCE only, not loss {loss!r}")
+        self.loss, self.margin = loss, float(margin)
         self.soft_targets, self.eps_schedule = soft_targets, eps_schedule
         self.eps_start, self.eps_end, self.temperature = eps_start, eps_end, temperature
         self.ema = None
@@ -205,6 +213,14 @@ class ContrastiveObjective(Objective):
         image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
         columns = {"all_image_features": gather_with_grad(image), "all_text_features": gather_with_grad(text),
                    "offset": row_offset(image.shape[0])}
+        if self.loss in HINGES:
+            return {"contrastive_loss": hinge_loss(image, text, self.margin, self.loss, **columns)}
+        if self.loss == "sigmoid":
+            if "logit_bias" not in outputs:
+                raise ValueError("the sigmoid loss needs a model with a logit bias (model.init_logit_bias)")
+            del columns["all_image_features"]  # every pair counts once: this rank's images against every text
+            return {"contrastive_loss": sigmoid_loss(image, text, scale, outputs["logit_bias"], **columns),
+                    "logit_bias": outputs["logit_bias"].detach()}
         if self.soft_targets == "none":
             return {"contrastive_loss": contrastive_loss(image, text, scale, **columns)}
         if ctx is None:

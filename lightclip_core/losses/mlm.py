@@ -1,9 +1,9 @@
 """Masked language modelling enhanced by multi-level image-text fusion (LightCLIP section 1.3), training only.
 
-A second pass of the model's own text tower reads the masked caption; after chosen transformer layers a fusion
-block lets the text attend to an image-tower stage map (text as queries). Every fusion block starts as an exact
-identity (zero-initialised output projection). The head is dense + GELU + LayerNorm + a decoder tied to the token
-embedding. The mask token is a learned row kept here, outside the vocabulary, so the exported model never sees it.
+The fused pass (losses/fusion.py: a second pass of the model's own text tower in which, after chosen layers, the
+text attends to image-tower stage maps) reads the masked caption. The head is dense + GELU + LayerNorm + a decoder
+tied to the token embedding. The mask token is a learned row kept here, outside the vocabulary, so the exported
+model never sees it.
 
 Data parallel: the pass and its loss stay on this rank's pairs, and nothing depends on how the global batch is split
 over ranks. Which pairs the pass reads is a rule on each pair's global index, every pair's mask comes from a
@@ -24,6 +24,7 @@ from torch import nn
 
 from lightclip_core.infra.distributed import current_world, global_sum, row_offset
 from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.fusion import FusionBlocks
 from lightclip_core.models.tokenizer import special_token_ids, word_mask
 
 MASK_ROW, RANDOM_TOKEN = 0.8, 0.1  # BERT's 80/10/10: mask row / random token / unchanged
@@ -74,23 +75,6 @@ def selected_rows(offset: int, batch: int, fraction: float) -> list[int]:
     return [row for row in range(batch) if reads(offset + row)]
 
 
-class FusionBlock(nn.Module):
-    """Text tokens attend to an image stage map: `x + out(attn(LN(x), LN(W map), LN(W map)))`, out zero-initialised."""
-
-    def __init__(self, width: int, image_channels: int, heads: int):
-        super().__init__()
-        self.ln_text = LayerNorm(width)
-        self.image_in = nn.Linear(image_channels, width)
-        self.ln_image = LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        nn.init.zeros_(self.attn.out_proj.weight)
-        nn.init.zeros_(self.attn.out_proj.bias)
-
-    def forward(self, text: torch.Tensor, image_map: torch.Tensor) -> torch.Tensor:
-        image = self.ln_image(self.image_in(image_map.flatten(2).transpose(1, 2)))  # [B, C, H, W] -> [B, HW, width]
-        return text + self.attn(self.ln_text(text), image, image, need_weights=False)[0]
-
-
 class MLMHead(nn.Module):
     """dense + GELU + LayerNorm, then logits over the vocabulary with the token embedding as the decoder."""
 
@@ -109,20 +93,17 @@ class MaskedLanguageObjective(Objective):
 
     name = "mlm"
 
-    def __init__(self, width: int, heads: int, vocab_size: int, fusion: list[tuple[int, int, int]],
-                 mask_prob: float = 0.15, causal: bool = False, batch_fraction: float = 1.0, weight: float = 1.0,
-                 seed: int = 0):
-        """`fusion`: (text layer, image stride, image channels) per block; empty for MLM without fusion.
-        `batch_fraction`: the masked pass reads only ceil(fraction * B) pairs of the (shuffled) global batch, spread
-        evenly over it (`selected_rows`), which bounds its cost (a second text pass) on text-heavy models. `seed`
-        keys the masks together with the global step and each pair's global index."""
+    def __init__(self, width: int, vocab_size: int, fusion: FusionBlocks, mask_prob: float = 0.15,
+                 batch_fraction: float = 1.0, weight: float = 1.0, seed: int = 0):
+        """`fusion`: the fused pass (losses/fusion.py), shared with ITM when that is on; no points: MLM without
+        fusion. `batch_fraction`: the masked pass reads only ceil(fraction * B) pairs of the (shuffled) global
+        batch, spread evenly over it (`selected_rows`), which bounds its cost (a second text pass) on text-heavy
+        models. `seed` keys the masks together with the global step and each pair's global index."""
         super().__init__(weight)
-        self.mask_prob, self.batch_fraction = mask_prob, batch_fraction
-        self.causal, self.seed = causal, int(seed)
+        self.mask_prob, self.batch_fraction, self.seed = mask_prob, batch_fraction, int(seed)
         self.num_regular_tokens = min(special_token_ids()["sot"], special_token_ids()["eot"])
-        self.fusion_points = [(layer, stride) for layer, stride, _ in fusion]
-        self.image_strides = tuple(sorted({stride for _, stride, _ in fusion}))
-        self.fusion = nn.ModuleList(FusionBlock(width, channels, heads) for _, _, channels in fusion)
+        self.fusion = fusion
+        self.image_strides = fusion.image_strides
         self.mask_embedding = nn.Parameter(torch.empty(width).normal_(std=0.02))
         self.head = MLMHead(width, vocab_size)
 
@@ -143,15 +124,7 @@ class MaskedLanguageObjective(Objective):
             chosen = torch.zeros_like(chosen)
         maps = {stride: fmap if len(rows) == batch else fmap[index]
                 for stride, fmap in outputs.get("image_maps", {}).items()}
-
-        def fuse(layer: int, x: torch.Tensor) -> torch.Tensor:
-            for (at, stride), block in zip(self.fusion_points, self.fusion):
-                if at == layer:
-                    x = block(x, maps[stride])
-            return x
-
-        _, hidden = text.forward_tokens(inputs, replace=(use_mask_row, self.mask_embedding),
-                                        after_layer=fuse if self.fusion_points else None, causal=self.causal)
+        hidden = self.fusion.fused_pass(text, inputs, maps, replace=(use_mask_row, self.mask_embedding))
         logits = self.head(hidden[chosen], text.token_embedding.weight)
         targets = tokens[chosen]
         # every rank reaches this collective; this rank's share of the global count normalises its sums

@@ -17,7 +17,9 @@ from lightclip_core.config import Config, ConfigError
 from lightclip_core.infra.distributed import global_mean
 from lightclip_core.losses.base import StepContext
 from lightclip_core.losses.distill import DistillationObjective
+from lightclip_core.losses.fusion import FusionBlocks
 from lightclip_core.losses.instance import ContrastiveObjective
+from lightclip_core.losses.itm import ImageTextMatchingObjective
 from lightclip_core.losses.mlm import MaskedLanguageObjective
 from lightclip_core.losses.token import TokenAlignmentObjective
 from lightclip_core.models.tokenizer import vocab_size
@@ -30,10 +32,24 @@ def _stage_channels(model: nn.Module, stride: int, field: str) -> int:
         raise ConfigError(f"{field}={stride}: {err}") from None
 
 
+def _fusion(cfg: Config, model: nn.Module) -> FusionBlocks:
+    """The fused pass of `objectives.mlm.fusion`, which MLM and ITM share. A fusion layer past the text tower's depth
+    or a stride the image tower does not have raises ConfigError naming the field."""
+    text, points = cfg.model.text, []
+    for i, point in enumerate(cfg.objectives.mlm.fusion):
+        if point.text_layer >= text.layers:
+            raise ConfigError(f"objectives.mlm.fusion[{i}].text_layer={point.text_layer}: the text tower has "
+                              f"{text.layers} layers (0..{text.layers - 1})")
+        channels = _stage_channels(model, point.image_stride, f"objectives.mlm.fusion[{i}].image_stride")
+        points.append((point.text_layer, point.image_stride, channels))
+    return FusionBlocks(text.width, text.heads, points, causal=cfg.objectives.mlm.causal)
+
+
 def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any] | None = None) -> nn.ModuleList:
-    """One module per enabled objective, in the order contrastive, token, mlm, distill. A stride the image tower
-    does not have, or a fusion layer past the text tower's depth, raises ConfigError naming the field. Distillation
-    takes the teachers' embedding widths and scales from the reinforced split's manifest (`reinforcement`)."""
+    """One module per enabled objective, in the order contrastive, token, mlm, itm, distill (mlm and itm share one
+    fusion module). A stride the image tower does not have, or a fusion layer past the text tower's depth, raises
+    ConfigError naming the field. Distillation takes the teachers' embedding widths and scales from the reinforced
+    split's manifest (`reinforcement`)."""
     o, text = cfg.objectives, cfg.model.text
     objectives: list[nn.Module] = []
     if o.contrastive.enabled:
@@ -41,25 +57,21 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
         ema_of = model if c.soft_targets == "similarity" and c.similarity_source == "ema" else None
         objectives.append(ContrastiveObjective(
             c.soft_targets, c.eps_schedule, c.eps_start, c.eps_end, c.similarity_temperature, ema_of=ema_of,
-            ema_momentum=c.ema_momentum, weight=c.weight))
+            ema_momentum=c.ema_momentum, weight=c.weight, loss=c.loss, margin=c.margin))
     if o.token.enabled:
         t = o.token
         channels = _stage_channels(model, t.image_stride, "objectives.token.image_stride")
         objectives.append(TokenAlignmentObjective(
             channels, text.width, cfg.model.embed_dim, t.image_stride, t.matcher, t.threshold, t.patches_per_word,
             t.loss, t.temperature, weight=t.weight))
+    fusion = _fusion(cfg, model) if o.mlm.enabled or o.itm.enabled else None
     if o.mlm.enabled:
         m = o.mlm
-        fusion = []
-        for i, point in enumerate(m.fusion):
-            if point.text_layer >= text.layers:
-                raise ConfigError(f"objectives.mlm.fusion[{i}].text_layer={point.text_layer}: the text tower has "
-                                  f"{text.layers} layers (0..{text.layers - 1})")
-            channels = _stage_channels(model, point.image_stride, f"objectives.mlm.fusion[{i}].image_stride")
-            fusion.append((point.text_layer, point.image_stride, channels))
-        objectives.append(MaskedLanguageObjective(text.width, text.heads, vocab_size(), fusion, m.mask_prob,
-                                                  m.causal, m.batch_fraction, weight=m.weight,
-                                                  seed=cfg.train.seed))
+        objectives.append(MaskedLanguageObjective(text.width, vocab_size(), fusion, m.mask_prob, m.batch_fraction,
+                                                  weight=m.weight, seed=cfg.train.seed))
+    if o.itm.enabled:
+        objectives.append(ImageTextMatchingObjective(text.width, fusion, o.itm.negatives, weight=o.itm.weight,
+                                                     seed=cfg.train.seed))
     if o.distill.enabled:
         d = o.distill
         if reinforcement is None:

@@ -15,7 +15,8 @@ from lightclip_core.models.tokenizer import special_token_ids, vocab_size
 
 class CLIP(nn.Module):
     """`encode_image` / `encode_text` give L2-normalised embeddings; `forward` also returns the logit scale
-    `exp(logit_scale)`, clamped at `max_logit_scale` (100 in CLIP)."""
+    `exp(logit_scale)`, clamped at `max_logit_scale` (100 in CLIP), and the sigmoid loss's `logit_bias` if it has
+    one."""
 
     def __init__(self, cfg: ModelConfig, pretrained_image: bool = False):
         super().__init__()
@@ -25,6 +26,9 @@ class CLIP(nn.Module):
         self.text = build_text_tower(cfg.text, cfg.embed_dim, vocab_size(), special_token_ids()["eot"])
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.max_logit_scale = float(cfg.max_logit_scale)
+        # the sigmoid loss's bias (open_clip's `logit_bias`): only a model trained with that loss has one
+        bias = cfg.init_logit_bias
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
@@ -52,6 +56,8 @@ class CLIP(nn.Module):
             text = self.text(tokens)
         out.update(image_features=F.normalize(image, dim=-1), text_features=F.normalize(text, dim=-1),
                    logit_scale=self.scale())
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -64,7 +70,7 @@ class CLIP(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: biases, norms, embeddings and the temperature."""
         return {n for n, p in self.named_parameters()
-                if p.ndim < 2 or "embedding" in n or n == "logit_scale"}
+                if p.ndim < 2 or "embedding" in n or n in ("logit_scale", "logit_bias")}
 
 
 def build_model(cfg: ModelConfig) -> CLIP:

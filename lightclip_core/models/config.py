@@ -69,6 +69,8 @@ class ModelConfig(Section):
     embed_dim: int = Field(256, ge=8)
     init_logit_scale: float = Field(2.6592, description="log(1/0.07), the CLIP initialisation")
     max_logit_scale: float = Field(100.0, gt=1.0)
+    init_logit_bias: float | None = Field(None, description="the sigmoid loss's learnable bias (SigLIP: -10); "
+                                                            "null: the model has none")
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
 
