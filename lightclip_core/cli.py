@@ -57,7 +57,8 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> Any:
-    return stages.run_evaluate(cfg=cfg, model=args.model, data=args.data, train_log=args.train_log, out=args.out)
+    train_log = args.train_log or (TRAIN_LOG if Path(TRAIN_LOG).is_file() else None)
+    return stages.run_evaluate(cfg=cfg, model=args.model, data=args.data, train_log=train_log, out=args.out)
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> Any:
@@ -89,6 +90,69 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], Any], str]] = {
     "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
     "register": (cmd_register, "register the evaluated model in MLflow; move `champion` if it passes the gate"),
     "tracking": (cmd_tracking, "tracking maintenance: `lightclip tracking sync` uploads spooled operations"),
+}
+
+
+TRAIN_LOG = "artifacts/train/train_log.csv"
+_DATA = "a split's directory (manifest.json and shards) or `s3://` prefix"
+
+
+def _flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return names, kwargs
+
+
+# every stage's own flags, each with its help text; the same input has the same flag in every stage (--data a
+# split or a prepared root, --model an exported model, --out the stage's output); `--help` shows the defaults
+FLAGS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
+    "prepare": [_flag("--out", default="artifacts/data", help="the prepared root: train/, val/ and test/ splits")],
+    "teacher": [
+        _flag("--data", default="artifacts/data/train", help=f"the training split: {_DATA}, or a prepared root"),
+        _flag("--val", default=None, help="the validation split the teachers' quality is measured on; None: `val` "
+                                          "next to --data"),
+        _flag("--out", default="artifacts/teacher", help="the trained teachers and their metrics")],
+    "reinforce": [
+        _flag("--data", default="artifacts/data/train", help=f"the split to reinforce: {_DATA}, or a prepared root"),
+        _flag("--teacher", default="artifacts/teacher",
+              help="the trained teacher, used where teacher.ensemble/captioner are empty"),
+        _flag("--out", default="artifacts/reinforced/train", help="the reinforced split"),
+        _flag("--shards", default=None, metavar="START:END",
+              help="reinforce only these shards of the split (a worker of a fan-out); None: all"),
+        _flag("--no-publish", action="store_true",
+              help="leave the manifest to `lightclip publish-reinforced` (fan-out on S3)")],
+    "publish-reinforced": [
+        _flag("--data", default="artifacts/data/train", help="the split the workers reinforced"),
+        _flag("--teacher", default="artifacts/teacher", help="the trained teacher the workers used"),
+        _flag("--out", default="artifacts/reinforced/train", help="the reinforced split whose manifest is written")],
+    "index-reinforced": [
+        _flag("--data", required=True, help="a folder or `s3://` prefix of published reinforced shards"),
+        _flag("--dims", type=int, nargs="+", required=True,
+              help="each teacher's embedding width, e.g. 768 768 for DataCompDR-12M"),
+        _flag("--scales", type=float, nargs="+", required=True,
+              help="each teacher's fixed distillation scale, e.g. 100 100"),
+        _flag("--image-size", type=int, required=True,
+              help="the size the stored augmentations were sampled at (224)"),
+        _flag("--split", default="train", help="the split name the manifest records")],
+    "train": [
+        _flag("--data", default="artifacts/reinforced/train",
+              help=f"the (prepared or reinforced) training split: {_DATA}, or a prepared root"),
+        _flag("--out", default="artifacts/train", help="checkpoints, final.pt, train_log.csv and metrics.json")],
+    "export": [
+        _flag("--model", "--checkpoint", dest="checkpoint", default="artifacts/train/final.pt",
+              help="the trained checkpoint (train's final.pt or a step checkpoint)"),
+        _flag("--out", default="artifacts/export", help="the exported model")],
+    "evaluate": [
+        _flag("--model", default="artifacts/export", help="the exported model (export's --out)"),
+        _flag("--data", default="artifacts/data/test", help=f"the test split: {_DATA}, or a prepared root"),
+        _flag("--train-log", default=None,
+              help=f"train's train_log.csv, for the training curves in the report; None: {TRAIN_LOG} when it exists"),
+        _flag("--out", default="artifacts/eval", help="metrics.json, per-class results, plots and the report")],
+    "register": [
+        _flag("--model", default="artifacts/export", help="the exported model (export's --out)"),
+        _flag("--eval", default="artifacts/eval", help="its evaluation (evaluate's --out)"),
+        _flag("--train-data", default="artifacts/reinforced/train", help="the split it was trained on"),
+        _flag("--test-data", default="artifacts/data/test", help="the split it was evaluated on"),
+        _flag("--train-log", default=TRAIN_LOG, help="train's train_log.csv"),
+        _flag("--out", default="artifacts/register", help="the registration decision and the report")],
 }
 
 
@@ -153,57 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    common.add_argument("--params", default="params.yaml", help="parameter file")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=5e-4 (repeatable)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
     common.add_argument("--metrics", default=None, metavar="PATH",
                         help="also write the summary's numbers and the stage's wall time (wall_time_s) to this JSON "
                              "file: the DVC metrics file committed to git (dvc.yaml: cache: false)")
-    parsers = {name: sub.add_parser(name, parents=[common], help=help_) for name, (_, help_) in COMMANDS.items()}
-    parsers["prepare"].add_argument("--out", default="artifacts/data")
-    parsers["teacher"].add_argument("--data", default="artifacts/data/train")
-    parsers["teacher"].add_argument("--val", default=None, help="the validation split the teachers' quality is "
-                                                                "measured on (default: `val` next to --data)")
-    parsers["teacher"].add_argument("--out", default="artifacts/teacher")
-    parsers["reinforce"].add_argument("--data", default="artifacts/data/train")
-    parsers["reinforce"].add_argument("--teacher", default="artifacts/teacher",
-                                      help="the trained teacher, used where teacher.ensemble/captioner are empty")
-    parsers["reinforce"].add_argument("--out", default="artifacts/reinforced/train")
-    parsers["reinforce"].add_argument("--shards", default=None, metavar="START:END",
-                                      help="reinforce only these shards of the split (a worker of a fan-out)")
-    parsers["reinforce"].add_argument("--no-publish", action="store_true",
-                                      help="leave the manifest to `lightclip publish-reinforced` (fan-out on S3)")
-    parsers["publish-reinforced"].add_argument("--data", default="artifacts/data/train")
-    parsers["publish-reinforced"].add_argument("--teacher", default="artifacts/teacher")
-    parsers["publish-reinforced"].add_argument("--out", default="artifacts/reinforced/train")
-    parsers["index-reinforced"].add_argument("--data", required=True)
-    parsers["index-reinforced"].add_argument("--dims", type=int, nargs="+", required=True,
-                                             help="each teacher's embedding width, e.g. 768 768 for DataCompDR-12M")
-    parsers["index-reinforced"].add_argument("--scales", type=float, nargs="+", required=True,
-                                             help="each teacher's fixed distillation scale, e.g. 100 100")
-    parsers["index-reinforced"].add_argument("--image-size", type=int, required=True,
-                                             help="the size the stored augmentations were sampled at (224)")
-    parsers["index-reinforced"].add_argument("--split", default="train")
-    parsers["train"].add_argument("--data", default="artifacts/reinforced/train")
-    parsers["train"].add_argument("--out", default="artifacts/train")
-    parsers["export"].add_argument("--checkpoint", default="artifacts/train/final.pt")
-    parsers["export"].add_argument("--out", default="artifacts/export")
-    parsers["evaluate"].add_argument("--model", default="artifacts/export")
-    parsers["evaluate"].add_argument("--data", default="artifacts/data/test")
-    parsers["evaluate"].add_argument("--train-log", default="artifacts/train/train_log.csv")
-    parsers["evaluate"].add_argument("--out", default="artifacts/eval")
-    parsers["register"].add_argument("--model", default="artifacts/export")
-    parsers["register"].add_argument("--eval", default="artifacts/eval")
-    parsers["register"].add_argument("--train-data", default="artifacts/reinforced/train")
-    parsers["register"].add_argument("--test-data", default="artifacts/data/test")
-    parsers["register"].add_argument("--train-log", default="artifacts/train/train_log.csv")
-    parsers["register"].add_argument("--out", default="artifacts/register")
+    parsers = {name: sub.add_parser(name, parents=[common], help=help_, description=help_,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               for name, (_, help_) in COMMANDS.items()}
+    for command, flags in FLAGS.items():
+        for names, kwargs in flags:
+            parsers[command].add_argument(*names, **kwargs)
     parsers["tracking"].add_argument("action", choices=["sync", "url"],
                                      help="sync: deliver what a stage could not send to the tracking server; url: "
                                           "the address of the experiment's training runs in the MLflow UI")
     parsers["tracking"].add_argument("--ui", default="http://127.0.0.1:5000", help="url: the MLflow UI's address")
-    parsers["tracking"].add_argument("--spool-dir", default=None, help="default: tracking.spool_dir")
+    parsers["tracking"].add_argument("--spool-dir", default=None, help="the spool to deliver; None: tracking.spool_dir")
     from lightclip_core.launch.command import add_trainjob_command
 
     add_trainjob_command(sub)  # its own params handling and exit codes (lightclip_core/launch/command.py)

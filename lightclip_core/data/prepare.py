@@ -18,11 +18,12 @@ from tqdm import tqdm
 from lightclip_core.config import DataConfig
 from lightclip_core.data import ingest, synthetic
 from lightclip_core.data.shards import ShardSetWriter
-from lightclip_core.data.skips import SkipTally
+from lightclip_core.data.skips import DataError, SkipTally
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SMALL_SPLIT = 100  # samples: below this a split's figures move by a point or more per sample
 OWN_DATA = Path("data/own")  # where own data lives in this repository: dvc.yaml's prepare stage depends on it
 
 
@@ -49,12 +50,27 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PrepareResult:
             counts, tally = _build_synthetic(cfg, build)
         else:
             counts, tally = _build_ingested(cfg, build)
+        check_split_sizes(cfg, counts)  # before the swap: an empty training split replaces nothing
         swap_in(build, out_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     log.info("prepared %s in %s: %s", cfg.source, out_dir, ", ".join(f"{s}={n}" for s, n in counts.items()))
     return PrepareResult(out_dir=out_dir, counts=counts, skipped=tally.skipped,
                          damaged_shards=dict(sorted(tally.shards.items())), skip_metrics=tally.metrics())
+
+
+def check_split_sizes(cfg: DataConfig, counts: dict[str, int]) -> None:
+    """An empty training split is a DataError; splits under SMALL_SPLIT samples get one warning line (a val or test
+    split that small measures little: each sample is worth 1/n of every accuracy)."""
+    sizes = ", ".join(f"{s}={n}" for s, n in counts.items())
+    knobs = ("data.synthetic.num_val/num_test" if cfg.source == "synthetic" else
+             f"data.ingest.val_fraction={cfg.ingest.val_fraction}, data.ingest.test_fraction={cfg.ingest.test_fraction}")
+    if counts.get("train", 0) == 0:
+        raise DataError(f"the training split is empty ({sizes}): add data or lower {knobs}")
+    small = [f"{s}={n}" for s, n in counts.items() if n < SMALL_SPLIT]
+    if small:
+        log.warning("split%s under %d samples: %s (a sample moves a val or test figure by 1/n; %s)",
+                    "s" if len(small) > 1 else "", SMALL_SPLIT, ", ".join(small), knobs)
 
 
 def check_replaceable(out_dir: Path) -> None:

@@ -14,7 +14,7 @@ from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.infra.sink import PrefixedSink
 from lightclip_core.stages.io import (InputError, complete_dir, existing, local_dir, localise, output_dir,
-                                      output_location, split_manifest)
+                                      output_location, split_manifest, split_of)
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,15 @@ class TeacherSummary:
 
 def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
                 val: str | os.PathLike | None = None) -> TeacherSummary:
-    """Train the embedded default's teachers (`teacher.train`, a CoCa that is also the captioner, and
-    `teacher.second`) on the training split `data`; each lands in `out/<name>/`, the metrics in `out/metrics.json`:
-    training figures and each teacher's and the captioner's quality (`quality/<name>/...`) on the validation split
-    `val` (default: the `val` split next to `data`, when there is one), which `reinforce`'s gate reads."""
+    """Train the embedded default's teachers (`teacher.train`, a CoCa that is also the captioner, and `teacher.second`)
+    on the training split `data` (a prepared root: its train/); each lands in `out/<name>/`, the metrics in
+    `out/metrics.json`: training figures and each teacher's and the captioner's quality (`quality/<name>/...`) on the
+    validation split `val` (default: the `val` split next to `data`, when there is one), which `reinforce`'s gate reads.
+    """
     from lightclip_core.reinforce.coca_teacher import train_coca_teacher
     from lightclip_core.reinforce.quality import load_split
 
+    data = split_of(data, "train")
     _check_teacher_inputs(data, val, out)
     storage.sweep_stale_tmp(out)
     train_dir = local_dir(data, "training split", "data")
@@ -164,12 +166,13 @@ def _teacher_dir(cfg: Config, teacher: str | os.PathLike | None) -> Path | None:
 def run_reinforce(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
                   teacher: str | os.PathLike | None = None, shards: str | None = None,
                   publish: bool = True) -> ReinforceSummary:
-    """Reinforce the split `data` into `out` (either may be an `s3://` prefix): stored augmentations, synthetic
-    captions, teacher embeddings. `shards` ("A:B") makes this one worker of a fan-out; `publish=False` leaves the
-    manifest to :func:`run_publish_reinforced`."""
+    """Reinforce the split `data` (a prepared root: its train/) into `out` (either may be an `s3://` prefix): stored
+    augmentations, synthetic captions, teacher embeddings. `shards` ("A:B") makes this one worker of a fan-out;
+    `publish=False` leaves the manifest to :func:`run_publish_reinforced`."""
     from lightclip_core.data.shards import read_manifest
     from lightclip_core.reinforce.reinforcement import parse_shard_range, reinforce
 
+    data = split_of(data, "train")
     _check_reinforce_inputs(data, out)
     storage.sweep_stale_tmp(out)
     data_dir = str(data) if storage.is_s3(str(data)) else existing(data, "split to reinforce", "data")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.register.registration import RegisterResult, gate_passes, read_inputs, register, skipped
-from lightclip_core.stages.io import existing, local_dir, output_dir, output_location, split_manifest
+from lightclip_core.stages.io import existing, local_dir, output_dir, output_location, split_manifest, split_of
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 EXPORT_CONFIG = "config.json"  # written last by the export
@@ -25,13 +25,14 @@ class EvaluateSummary:
 
 def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                  train_log: str | os.PathLike | None = None) -> EvaluateSummary:
-    """Zero-shot classification and retrieval of the export `model` on the test split `data`; metrics, per-class
-    results, plots and the report land in `out` (`metrics.json` published last)."""
+    """Zero-shot classification and retrieval of the export `model` on the test split `data` (a prepared root: its
+    test/); metrics, per-class results, plots and the report land in `out` (`metrics.json` published last)."""
     from lightclip_core.evaluate.evaluation import evaluate, select_tasks
 
     output_location(out, "evaluation directory")
     storage.sweep_stale_tmp(out)
     export_dir = local_dir(model, "export directory", "model", marker=EXPORT_CONFIG)
+    data = split_of(data, "test")
     test_dir = local_dir(data, "test split", "data")
     select_tasks(split_manifest(test_dir, "test split", "data", data), cfg.evaluate.tasks, data)  # before the run
     log = existing(train_log, "training log", "train_log") if train_log else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from lightclip_core.infra import storage
 from lightclip_core.infra.schema import ConfigError
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 class InputError(ConfigError):
@@ -49,6 +51,20 @@ def local_dir(uri: str | os.PathLike, what: str, name: str, marker: str = MANIFE
     `marker` file, published last, says it is complete."""
     complete_dir(uri, what, name, marker)
     return localise(uri) if storage.is_s3(str(uri)) else Path(uri)
+
+
+def split_of(uri: str | os.PathLike, split: str) -> str:
+    """The split a `--data` path names: `uri` itself when it holds a manifest, its `<split>` folder when `uri` is a
+    prepared root (train/, val/, test/ without a manifest of their own above them), else `uri` unchanged (the checks
+    that follow say what is missing). Local paths and `s3://` prefixes alike; nothing is downloaded."""
+    uri = str(uri)
+    if storage.exists(storage.join(uri, MANIFEST)):
+        return uri
+    inner = storage.join(uri, split)
+    if storage.exists(storage.join(inner, MANIFEST)):
+        log.info("%s is a prepared root: reading its %s split %s", uri, split, inner)
+        return inner
+    return uri
 
 
 def split_manifest(directory: str | os.PathLike, what: str, name: str, uri: str | os.PathLike | None = None

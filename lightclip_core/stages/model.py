@@ -9,7 +9,7 @@ from typing import Any
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.stages.io import (InputError, flat_numbers, local_dir, local_file, output_dir, output_location,
-                                      split_manifest)
+                                      split_manifest, split_of)
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 FINAL = "final.pt"
@@ -25,13 +25,14 @@ class TrainSummary:
 
 
 def run_train(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -> TrainSummary:
-    """Train on the (prepared or reinforced) split `data`. Under `torchrun --nproc-per-node N` every rank calls
-    this; rank 0 alone tracks the run, writes `out/metrics.json` and, for an `s3://` `out`, publishes the local
-    output directory (kept in the fetch cache, so a restarted job resumes from its checkpoints) with `final.pt`
-    last."""
+    """Train on the (prepared or reinforced) split `data` (a prepared root: its train/). Under `torchrun
+    --nproc-per-node N` every rank calls this; rank 0 alone tracks the run, writes `out/metrics.json` and, for an
+    `s3://` `out`, publishes the local output directory (kept in the fetch cache, so a restarted job resumes from its
+    checkpoints) with `final.pt` last."""
     from lightclip_core.infra.distributed import world_from_env
     from lightclip_core.train.trainer import train
 
+    data = split_of(data, "train")
     train_dir = local_dir(data, "training split", "data")
     _check_train_inputs(cfg, train_dir, data, out)
     remote = str(out) if storage.is_s3(str(out)) else None
