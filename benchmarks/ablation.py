@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,11 @@ LOSS_CONFIGS: dict[str, list[str]] = {
     "sigmoid": _ONLY_CLIP + _SIGMOID,
     "itm_hard": _ONLY_CLIP + ["objectives.itm.enabled=true", "objectives.itm.negatives=hard"],
     "itm_random": _ONLY_CLIP + ["objectives.itm.enabled=true", "objectives.itm.negatives=random"],
+    # from the identity start ITM stays at chance; BERT/ALBEF's initialisation of the fusion's output projection
+    "itm_hard_init02": _ONLY_CLIP + ["objectives.itm.enabled=true", "objectives.itm.negatives=hard",
+                                     "objectives.mlm.fusion_init_std=0.02"],
+    "itm_random_init02": _ONLY_CLIP + ["objectives.itm.enabled=true", "objectives.itm.negatives=random",
+                                       "objectives.mlm.fusion_init_std=0.02"],
 }
 FAMILIES = {"lightclip": CONFIGS, "losses": LOSS_CONFIGS}
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
@@ -112,10 +118,12 @@ def ensure_data(work: Path) -> Path:
     return data
 
 
-def train_export_evaluate(cfg, data: Path, split: str, out: Path) -> dict[str, float]:
+def train_export_evaluate(cfg, data: Path, split: str, out: Path, keep_log: Path | None = None) -> dict[str, float]:
     """The product's train -> export -> evaluate on `data/<split>`: the METRICS the tables report, and training's
-    wall time."""
+    wall time; `keep_log` keeps a copy of the training log (every objective's terms per step)."""
     result = train(cfg, data / "train", out / "train")
+    if keep_log is not None:
+        shutil.copyfile(result.train_log, keep_log)
     exported = export(cfg, result.final_checkpoint, out / "export")
     metrics = evaluate(cfg, exported.out_dir, data / split, out / "eval", train_log=result.train_log).metrics
     row = {key: metrics[source] for key, source in METRICS.items()}
@@ -123,10 +131,11 @@ def train_export_evaluate(cfg, data: Path, split: str, out: Path) -> dict[str, f
     return row
 
 
-def one_run(name: str, seed: int, steps: int, data: Path, out: Path, threads: int | None) -> dict[str, float]:
+def one_run(name: str, seed: int, steps: int, data: Path, out: Path, threads: int | None,
+            keep_log: Path | None = None) -> dict[str, float]:
     """train -> export -> evaluate for one (configuration, seed) on the test split."""
     extra = [f"train.seed={seed}", f"train.max_steps={steps}"] + ([f"train.threads={threads}"] if threads else [])
-    return train_export_evaluate(run_config(name, extra), data, "test", out)
+    return train_export_evaluate(run_config(name, extra), data, "test", out, keep_log)
 
 
 def step_times(name: str, steps: int, data: Path, out: Path) -> float:
@@ -228,8 +237,9 @@ def main() -> None:
     if args.one:
         name, seed = args.one[0], int(args.one[1])
         with tempfile.TemporaryDirectory() as tmp:
-            row = one_run(name, seed, args.steps, args.data, Path(tmp), args.threads)
-        (args.work / f"{name}-seed{seed}-steps{args.steps}.json").write_text(json.dumps(row) + "\n")
+            stem = args.work / f"{name}-seed{seed}-steps{args.steps}"
+            row = one_run(name, seed, args.steps, args.data, Path(tmp), args.threads, stem.with_suffix(".csv"))
+        stem.with_suffix(".json").write_text(json.dumps(row) + "\n")
         return
     if "clip" not in args.configs:
         args.configs.insert(0, "clip")  # the reference of every ratio

@@ -186,6 +186,9 @@ class MLMObjectiveConfig(Section):
         default_factory=lambda: [FusionPoint(text_layer=1, image_stride=8), FusionPoint(text_layer=2, image_stride=16),
                                  FusionPoint(text_layer=3, image_stride=32)],
         description="cross-attention blocks; empty: MLM without fusion")
+    fusion_init_std: float = Field(
+        0.0, ge=0.0, le=1.0, description="std of each fusion block's output projection at the start; 0: an exact "
+                                         "identity (LightCLIP); ITM needs > 0 (BERT/ALBEF: 0.02)")
     causal: bool = Field(False, description="attention of the masked pass; false: bidirectional")
     batch_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the batch the masked pass reads")
 

@@ -157,19 +157,19 @@ def _train_itm(negatives: str, steps: int = ITM_STEPS) -> tuple[list[float], lis
     """Only ITM on: a two-layer text tower fused with the stride-8 map after layers 0 and 1, eight solid colour
     images and captions naming the colour, full-batch AdamW (lr 2e-3, 10 warmup steps, cosine decay).
 
-    The fusion blocks' output projections start at small random values: from the exact-identity init the escape from
-    the chance plateau (0.637) takes anywhere from 50 to over 200 steps depending on the seed; from this start,
-    16 of 16 seeds tried got below 0.35 within 20 to 75 steps, with both kinds of negatives. Returns the training
-    losses and the losses of eight later steps (fresh negatives) without updates."""
+    The fusion blocks' output projections start as BERT/ALBEF start them (`objectives.mlm.fusion_init_std: 0.02`):
+    from the exact-identity init the escape from the chance plateau (0.637) takes anywhere from 50 to over 200 steps
+    depending on the seed. Returns the training losses and the losses of eight later steps (fresh negatives) without
+    updates."""
     model_cfg = {**MODEL, "text": {**MODEL["text"], "layers": 2}}
     fusion = [{"text_layer": 0, "image_stride": 8}, {"text_layer": 1, "image_stride": 8}]
-    cfg = config(model_cfg, mlm={"enabled": False, "fusion": fusion}, itm={"enabled": True, "negatives": negatives})
+    cfg = config(model_cfg, mlm={"enabled": False, "fusion": fusion, "fusion_init_std": 0.02},
+                 itm={"enabled": True, "negatives": negatives})
     torch.manual_seed(0)
     model = build_model(cfg.model)
     module = TrainingLoss(model, build_objectives(cfg, model)).train()
     [itm] = module.objectives
     assert itm.name == "itm" and itm.negatives == negatives
-    _randomise(itm.fusion)
     rgb = torch.tensor(list(COLOURS.values()), dtype=torch.float)
     images = ((rgb - 0.5) / 0.25)[:, :, None, None].expand(-1, -1, 32, 32).contiguous()
     tokens = trim_padding(tokenize([f"a {c} picture" for c in COLOURS], MODEL["text"]["context_length"]))
@@ -422,3 +422,16 @@ def test_itm_without_a_fusion_point_is_a_config_error():
         validate({"objectives": {"itm": {"enabled": True, "negatives": "semi-hard"}}})
     with pytest.raises(ValueError, match="fusion point"):
         ImageTextMatchingObjective(32, FusionBlocks(32, 2, []))
+
+
+def test_fusion_blocks_start_as_an_identity_unless_an_init_std_is_given():
+    """`fusion_init_std: 0` (LightCLIP's default): every output projection is exactly zero, so the fused pass equals
+    the text tower's own; `0.02`: normal weights of that spread (BERT/ALBEF), zero biases."""
+    points = [(0, 8, 24), (1, 16, 32)]
+    identity = FusionBlocks(64, 2, points)
+    assert all(not b.attn.out_proj.weight.any() and not b.attn.out_proj.bias.any() for b in identity)
+    torch.manual_seed(0)
+    noisy = FusionBlocks(64, 2, points, init_std=0.02)
+    weights = torch.cat([b.attn.out_proj.weight.flatten() for b in noisy])
+    assert abs(weights.std().item() - 0.02) < 0.002 and abs(weights.mean().item()) < 0.002
+    assert all(not b.attn.out_proj.bias.any() for b in noisy)

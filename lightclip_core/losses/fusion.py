@@ -1,8 +1,11 @@
 """The training-only fusion module (LightCLIP section 1.3): a second pass of the model's own text tower in which,
 after chosen transformer layers, the text attends to image-tower stage maps (text as queries). MLM reads it on
 masked captions, ITM (ALBEF's image-text matching) on whole ones; when both are on they share one module, so both
-objectives train the same fusion blocks. Every block starts as an exact identity (zero-initialised output
-projection), so the fused pass begins as the text tower's own. Nothing here reaches an export.
+objectives train the same fusion blocks. By default every block starts as an exact identity (zero-initialised output
+projection), so the fused pass begins as the text tower's own (LightCLIP). ITM needs `objectives.mlm.fusion_init_std`
+> 0: from the identity, an image's matched and unmatched captions reach the matching head as the same states, the
+gradients of the matched and unmatched pairs cancel to first order, and the loss stays at chance (measured: 300 steps
+of the embedded default). Nothing here reaches an export.
 """
 from __future__ import annotations
 
@@ -12,15 +15,19 @@ from torch import nn
 
 
 class FusionBlock(nn.Module):
-    """Text tokens attend to an image stage map: `x + out(attn(LN(x), LN(W map), LN(W map)))`, out zero-initialised."""
+    """Text tokens attend to an image stage map: `x + out(attn(LN(x), LN(W map), LN(W map)))`; `out` starts at zero
+    (an exact identity) or, with `init_std`, as BERT/ALBEF initialise their cross-attention (normal, std 0.02)."""
 
-    def __init__(self, width: int, image_channels: int, heads: int):
+    def __init__(self, width: int, image_channels: int, heads: int, init_std: float = 0.0):
         super().__init__()
         self.ln_text = LayerNorm(width)
         self.image_in = nn.Linear(image_channels, width)
         self.ln_image = LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        nn.init.zeros_(self.attn.out_proj.weight)
+        if init_std > 0:
+            nn.init.normal_(self.attn.out_proj.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.attn.out_proj.weight)
         nn.init.zeros_(self.attn.out_proj.bias)
 
     def forward(self, text: torch.Tensor, image_map: torch.Tensor) -> torch.Tensor:
@@ -32,8 +39,9 @@ class FusionBlocks(nn.ModuleList):
     """One FusionBlock per (text layer, image stride, image channels) point; `fused_pass` runs the text tower with
     them. A ModuleList, so its parameters keep the names `fusion.<i>.*` under whichever objective holds it."""
 
-    def __init__(self, width: int, heads: int, points: list[tuple[int, int, int]], causal: bool = False):
-        super().__init__(FusionBlock(width, channels, heads) for _, _, channels in points)
+    def __init__(self, width: int, heads: int, points: list[tuple[int, int, int]], causal: bool = False,
+                 init_std: float = 0.0):
+        super().__init__(FusionBlock(width, channels, heads, init_std) for _, _, channels in points)
         self.points = [(layer, stride) for layer, stride, _ in points]
         self.image_strides = tuple(sorted({stride for _, stride in self.points}))
         self.causal = causal

@@ -42,7 +42,8 @@ def _fusion(cfg: Config, model: nn.Module) -> FusionBlocks:
                               f"{text.layers} layers (0..{text.layers - 1})")
         channels = _stage_channels(model, point.image_stride, f"objectives.mlm.fusion[{i}].image_stride")
         points.append((point.text_layer, point.image_stride, channels))
-    return FusionBlocks(text.width, text.heads, points, causal=cfg.objectives.mlm.causal)
+    return FusionBlocks(text.width, text.heads, points, causal=cfg.objectives.mlm.causal,
+                        init_std=cfg.objectives.mlm.fusion_init_std)
 
 
 def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any] | None = None) -> nn.ModuleList:
