@@ -14,10 +14,18 @@ data, and reaches the same collectives in the same order.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+def keyed_generator(*key: object) -> torch.Generator:
+    """A host generator seeded by its key alone (e.g. seed, global step, global sample index), never by the rank, the
+    batch position or what ran before: the draws of an objective replay exactly on resume and in any world size."""
+    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 @dataclass

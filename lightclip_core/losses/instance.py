@@ -211,16 +211,16 @@ class ContrastiveObjective(Objective):
     def forward(self, outputs: dict[str, torch.Tensor],
                 ctx: StepContext | None = None) -> dict[str, torch.Tensor | float]:
         image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+        if self.loss == "sigmoid":  # every pair counts once: this rank's images against every text
+            if "logit_bias" not in outputs:
+                raise ValueError("the sigmoid loss needs a model with a logit bias (model.init_logit_bias)")
+            loss = sigmoid_loss(image, text, scale, outputs["logit_bias"], all_text_features=gather_with_grad(text),
+                                offset=row_offset(image.shape[0]))
+            return {"contrastive_loss": loss, "logit_bias": outputs["logit_bias"].detach()}
         columns = {"all_image_features": gather_with_grad(image), "all_text_features": gather_with_grad(text),
                    "offset": row_offset(image.shape[0])}
         if self.loss in HINGES:
             return {"contrastive_loss": hinge_loss(image, text, self.margin, self.loss, **columns)}
-        if self.loss == "sigmoid":
-            if "logit_bias" not in outputs:
-                raise ValueError("the sigmoid loss needs a model with a logit bias (model.init_logit_bias)")
-            del columns["all_image_features"]  # every pair counts once: this rank's images against every text
-            return {"contrastive_loss": sigmoid_loss(image, text, scale, outputs["logit_bias"], **columns),
-                    "logit_bias": outputs["logit_bias"].detach()}
         if self.soft_targets == "none":
             return {"contrastive_loss": contrastive_loss(image, text, scale, **columns)}
         if ctx is None:

@@ -14,14 +14,12 @@ ranks is the mean over every example of the step.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightclip_core.infra.distributed import current_world, global_sum, row_offset
-from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.base import Objective, StepContext, keyed_generator
 from lightclip_core.losses.fusion import FusionBlocks
 
 NEGATIVES = ("hard", "random")
@@ -46,8 +44,7 @@ def draw_negatives(weights: torch.Tensor, generator: torch.Generator) -> tuple[t
 
 
 def _generator(seed: int, step: int, offset: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"itm/{seed}/{step}/{offset}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return keyed_generator("itm", seed, step, offset)
 
 
 class ImageTextMatchingObjective(Objective):

@@ -13,7 +13,6 @@ mean over every masked position of the global batch.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
@@ -23,16 +22,11 @@ from open_clip.transformer import LayerNorm
 from torch import nn
 
 from lightclip_core.infra.distributed import current_world, global_sum, row_offset
-from lightclip_core.losses.base import Objective, StepContext
+from lightclip_core.losses.base import Objective, StepContext, keyed_generator
 from lightclip_core.losses.fusion import FusionBlocks
 from lightclip_core.models.tokenizer import special_token_ids, word_mask
 
 MASK_ROW, RANDOM_TOKEN = 0.8, 0.1  # BERT's 80/10/10: mask row / random token / unchanged
-
-
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def mask_tokens(tokens: torch.Tensor, words: torch.Tensor, prob: float, num_regular_tokens: int, seed: int = 0,
@@ -53,7 +47,7 @@ def mask_tokens(tokens: torch.Tensor, words: torch.Tensor, prob: float, num_regu
     draw = max(length, draw_length or length)
     rolls, ids = torch.empty(batch, 2, draw), torch.empty(batch, draw, dtype=torch.long)
     for row, i in enumerate(index):  # on the host, a few microseconds per sample
-        gen = torch.Generator().manual_seed(_sample_seed(seed, step, i))
+        gen = keyed_generator(seed, step, i)
         torch.rand(2, draw, generator=gen, out=rolls[row])
         torch.randint(0, num_regular_tokens, (draw,), generator=gen, out=ids[row])
     rolls = rolls[:, :, :length].to(tokens.device, non_blocking=True)
