@@ -87,7 +87,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], Any], str]] = {
     "index-reinforced": (cmd_index_reinforced, "write the manifest of published reinforced shards (DataCompDR)"),
     "train": (cmd_train, "train a CLIP model on prepared (or reinforced) shards"),
     "export": (cmd_export, "fold and export a trained checkpoint (safetensors, torch.export, ONNX), parity-checked"),
-    "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split"),
+    "evaluate": (cmd_evaluate, "zero-shot classification and retrieval on the test split and the benchmark sets"),
     "register": (cmd_register, "register the evaluated model in MLflow; move `champion` if it passes the gate"),
     "tracking": (cmd_tracking, "tracking maintenance: `lightclip tracking sync` uploads spooled operations"),
 }

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lightclip_core.evaluate_config import DEFAULT_TEMPLATES, BenchmarkSpec, EvaluateConfig
 from lightclip_core.infra.augment_params import CAPTION_SAFE_OPS, OpPool, OrderedRange
 from lightclip_core.infra.params_file import load_yaml, read_params_file, yaml_problem
 from lightclip_core.infra.schema import ConfigError, Section, merge
@@ -22,11 +23,11 @@ from lightclip_core.models.config import ImageConfig, ModelConfig, TextConfig
 from lightclip_core.resources_config import ResourcesConfig
 from lightclip_core.teacher_config import CocaTeacherConfig, QualityGateConfig, TeacherConfig, TeacherSpec
 
-__all__ = ["CocaTeacherConfig", "Config", "ConfigError", "ContrastiveObjectiveConfig", "DEFAULT_TEMPLATES",
-           "DataConfig", "DistillObjectiveConfig", "EvaluateConfig", "ExportConfig", "FusionPoint", "ImageConfig",
-           "IngestData", "MLMObjectiveConfig", "ModelConfig", "ObjectivesConfig", "QualityGateConfig", "RegistryConfig",
-           "ReinforceConfig", "SyntheticData", "TeacherConfig", "TeacherSpec", "TextConfig", "TokenObjectiveConfig",
-           "TrackingConfig", "TrainConfig", "flatten", "load_config", "parse_overrides", "validate"]
+__all__ = ["BenchmarkSpec", "CocaTeacherConfig", "Config", "ConfigError", "ContrastiveObjectiveConfig",
+           "DEFAULT_TEMPLATES", "DataConfig", "DistillObjectiveConfig", "EvaluateConfig", "ExportConfig", "FusionPoint",
+           "ImageConfig", "IngestData", "MLMObjectiveConfig", "ModelConfig", "ObjectivesConfig", "QualityGateConfig",
+           "RegistryConfig", "ReinforceConfig", "SyntheticData", "TeacherConfig", "TeacherSpec", "TextConfig",
+           "TokenObjectiveConfig", "TrackingConfig", "TrainConfig", "flatten", "load_config", "parse_overrides", "validate"]
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -273,34 +274,8 @@ class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=23)
     parity_tolerance: float = Field(1e-4, gt=0)
     parity_batch: int = Field(4, ge=2)
-
-
-# ----------------------------------------------------------------------------------------------- evaluate
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture showing a {}.")
-
-
-class EvaluateConfig(Section):
-    tasks: list[str] | None = Field(None, description="zero-shot tasks from the test manifest; default: all")
-    templates: list[str] = list(DEFAULT_TEMPLATES)
-    recall_at: list[int] = [1, 5, 10]
-    batch_size: int = Field(256, ge=1)
-
-    @field_validator("templates")
-    @classmethod
-    def _templates_have_slot(cls, templates: list[str]) -> list[str]:
-        if not templates:
-            raise ValueError("at least one template is needed")
-        for t in templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' slot for the class name")
-        return templates
-
-    @field_validator("recall_at")
-    @classmethod
-    def _positive_k(cls, ks: list[int]) -> list[int]:
-        if not ks or min(ks) < 1:
-            raise ValueError(f"recall_at must be a non-empty list of positive integers, got {ks}")
-        return ks
+    wise_ft_alpha: float = Field(1.0, ge=0, le=1, description="WiSE-FT: export (1 - a) * start + a * fine-tuned "
+                                 "weights of a run started from weights (model.init_from); 1: the fine-tuned model")
 
 
 # ----------------------------------------------------------------------------------------------- tracking
@@ -347,6 +322,15 @@ class Config(Section):
             raise ValueError(f"model.init_logit_bias={self.model.init_logit_bias}: the sigmoid loss needs the "
                              f"model's learnable bias (SigLIP: -10 with init_logit_scale 2.3026) and nothing else "
                              f"trains it; set it exactly when objectives.contrastive.loss=sigmoid")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_names_a_configured_benchmark(self) -> Config:
+        kind, _, rest = self.registry.gate_metric.partition("/")
+        names = [s.name for s in self.evaluate.benchmarks]
+        if kind == "benchmark" and rest.partition("/")[0] not in names:
+            raise ValueError(f"registry.gate_metric={self.registry.gate_metric!r} names a benchmark set that is not "
+                             f"in evaluate.benchmarks; configured: {names}")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@ naming the field or path, the value and what is allowed, before any work: no tra
 run. A genuine bug is not one of them: it keeps its traceback."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from lightclip_core import stages
 from lightclip_core.cli import main
 from lightclip_core.config import validate
+from lightclip_core.models.tokenizer import TOKENIZER_NAME
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +81,23 @@ def case(id_: str, argv: Callable[[Workspace], list[str]], *fragments: str):
 
 
 NO_DISTILL = ("train.batch_size=32", "objectives.distill.enabled=false")  # a valid training configuration
+
+
+def saved(obj: object) -> bytes:
+    """What `torch.save` writes for `obj` (a checkpoint-like file for a case to put in its workspace)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def init_from(make: Callable[[Workspace], str]) -> Callable[[Workspace], list[str]]:
+    """`lightclip train` (a valid configuration otherwise) starting from the weights `make` puts in the workspace."""
+    return lambda w: train(*NO_DISTILL, f"model.init_from={make(w)}")(w)
+
+
+OTHER_MODEL = {"model": {}, "model_config": {"embed_dim": 64}}  # params.yaml's model has embed_dim 256
+EXPORT_OF_OTHER_MODEL = json.dumps({"format_version": 2, "tokenizer": {"name": TOKENIZER_NAME},
+                                    "model_config": {"embed_dim": 64}})
 DEFAULTS_WITH_TRAIN = "model:\n  embed_dim: 64\ntrain:\n  lr: 0.1\n"
 TRAINJOB = ["--nodes", "1", "--gpus-per-node", "0", "--image", "registry/lightclip:0.1", "--data", "/workspace/data",
             "--out", "/workspace/out", "--dry-run"]
@@ -178,6 +199,23 @@ BAD_INPUTS = [
          "corrupt'", "manifest.json is not JSON"),
     case("train-manifest-other-version", lambda w: train(data=w.dir("old", manifest__json='{"schema_version": 0}'))(w),
          "old'", "schema_version 0, expected"),
+    # the weights training starts from (model.init_from)
+    case("init-from-missing", init_from(lambda w: str(w.root / "nowhere.pt")), "model.init_from=", "nowhere.pt'",
+         "does not exist", "allowed: a training checkpoint"),
+    case("init-from-neither", init_from(lambda w: w.dir("notes", notes__txt="x")), "model.init_from=", "notes'",
+         "neither a training checkpoint nor an export directory", "allowed:"),
+    case("init-from-not-a-checkpoint", init_from(lambda w: w.file("weights.pt", "not a checkpoint")),
+         "model.init_from=", "weights.pt'", "not a readable training checkpoint"),
+    case("init-from-checkpoint-without-model", init_from(lambda w: w.file("step.pt", saved({"step": 3}))),
+         "step.pt'", "no model and model_config"),
+    case("init-from-another-model", init_from(lambda w: w.file("other.pt", saved(OTHER_MODEL))),
+         "other.pt'", "model.embed_dim=64 there, 256 in params", "allowed: weights of the model"),
+    case("init-from-export-of-another-model", init_from(lambda w: w.dir(
+        "export", config__json=EXPORT_OF_OTHER_MODEL, model__safetensors="x")), "export'",
+         "model.embed_dim=64 there, 256 in params"),
+    case("init-from-malformed-registry-uri", train(*NO_DISTILL, "model.init_from=models:/lightclip"),
+         "model.init_from='models:/lightclip'", "models:/<name>@<alias> or models:/<name>/<version>"),
+    case("init-from-empty", train(*NO_DISTILL, "model.init_from=''"), "model.init_from=''", "at least 1 character"),
     # prepare
     case("prepare-out-foreign", lambda w: ["prepare", "--params", PARAMS, "--out", w.dir("mine", notes__txt="x")],
          "--out=", "mine'", "['notes.txt']", "which prepare does not write"),
@@ -224,6 +262,18 @@ BAD_INPUTS = [
                                                      "--out", w.out], "--checkpoint=", "is a directory"),
     case("export-out-a-file", lambda w: ["export", "--params", PARAMS, "--checkpoint", w.file("final.pt", "x"),
                                          "--out", w.file("export.onnx", "x")], "--out=", "a file is there"),
+    case("export-wise-ft-without-start-weights", lambda w: [
+        "export", "--params", PARAMS, "--set", "export.wise_ft_alpha=0.5", "--checkpoint",
+        w.file("final.pt", saved({"model": {}, "model_config": {}})), "--out", w.out],
+         "export.wise_ft_alpha=0.5", "final.pt'", "no start weights", "model.init_from", "allowed: 1.0"),
+    case("export-wise-ft-unreadable-checkpoint", lambda w: [
+        "export", "--params", PARAMS, "--set", "export.wise_ft_alpha=0.5", "--checkpoint", w.file("final.pt", "x"),
+        "--out", w.out], "--checkpoint=", "final.pt'", "not a readable training checkpoint"),
+    case("nan-wise-ft-alpha", train("export.wise_ft_alpha=.nan"), "export.wise_ft_alpha=nan", "finite"),
+    case("wise-ft-alpha-above-one", train("export.wise_ft_alpha=1.5"), "export.wise_ft_alpha=1.5",
+         "less than or equal to 1"),
+    case("wise-ft-alpha-negative", train("export.wise_ft_alpha=-0.1"), "export.wise_ft_alpha=-0.1",
+         "greater than or equal to 0"),
     case("evaluate-model-without-config", lambda w: ["evaluate", "--params", PARAMS, "--model", w.dir("export"),
                                                      "--data", w.test, "--out", w.out],
          "--model=", "has no config.json"),

@@ -4,53 +4,23 @@ no-op, `dvc exp run -S` works, every stage logged an MLflow run with lineage tag
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers_project import DVC, ROOT, make_project
+from helpers_project import run as _run
 from helpers_tiny import TINY, merge
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-                 "lightclip_core", "pyproject.toml", "data/own/README.md"]
-
 pytestmark = pytest.mark.slow
-
-
-def _run(args: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A fresh clone-like copy of the project, committed, with the tiny parameters."""
     repo = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
-    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"})
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "tiny project"], repo, env)
-    dvc = [sys.executable, "-m", "dvc"]
-    first = _run([*dvc, "repro"], repo, env)
-    return repo, env, dvc, first
+    env = make_project(repo, merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY))
+    first = _run([*DVC, "repro"], repo, env)
+    return repo, env, DVC, first
 
 
 def test_repro_produces_every_stage_output(project):

@@ -262,7 +262,7 @@ def class_names(dirs: list[Path], names_file: str | None) -> list[str]:
     return names
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def image_files(class_dir: Path) -> list[Path]:
     return sorted(p for p in class_dir.rglob("*")
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
@@ -286,7 +286,7 @@ def open_imagefolder(cfg: DataConfig) -> Source:
     if not dirs:
         raise DataError(f"data.ingest.path={str(root)!r}: no class directories found (expected root/<class>/*.jpg)")
     names = class_names(dirs, cfg.ingest.class_names)
-    files = [(i, f) for i, d in enumerate(dirs) for f in _image_files(d)]
+    files = [(i, f) for i, d in enumerate(dirs) for f in image_files(d)]
     tasks = {"class": {"label_key": "label", "classes": names, "templates": list(DEFAULT_TEMPLATES)}}
     tally = SkipTally()
     samples = _imagefolder_samples(root, files, names, _Router(cfg, tally))

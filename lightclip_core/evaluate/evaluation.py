@@ -1,7 +1,9 @@
-"""Evaluate stage: zero-shot classification and image-text retrieval of an exported model on a test split.
+"""Evaluate stage: zero-shot classification and image-text retrieval of an exported model on a test split, and on
+the standard benchmark sets of `evaluate.benchmarks` (benchmarks.py).
 
-Writes `metrics.json` (flat, sorted keys: what DVC and MLflow read), `per_class.json` (per-class recall, support
-and confusion matrix of every zero-shot task), PNG plots under `plots/` (per-class accuracy, confusion, retrieval
+Writes `metrics.json` (flat, sorted keys: what DVC and MLflow read; the sets' metrics under `benchmark/<name>/`),
+`per_class.json` (per-class recall, support and confusion matrix of every zero-shot task of the test split),
+`benchmarks.json` (what each benchmark set is), PNG plots under `plots/` (per-class accuracy, confusion, retrieval
 recall at k, an image-text similarity heatmap of a few test pairs, training curves) and `report.md` /
 `report.html`, the stakeholder's view of all of it.
 """
@@ -23,12 +25,14 @@ from lightclip_core.data.shards import (decode_caption, decode_image, decode_met
                                         iter_raw_samples, read_manifest, shard_refs)
 from lightclip_core.data.skips import DataError, SampleError, SkipTally
 from lightclip_core.evaluate import plots
+from lightclip_core.evaluate.benchmarks import BenchmarkSet, evaluate_benchmark, metric_prefix, open_benchmarks
 from lightclip_core.evaluate.report import (ATTRIBUTE, ORACLE, RETRIEVAL_DEFINITIONS, STRICT, TEXT_EQUIVALENT,
-                                            ReportInputs, write_report)
+                                            WISE_FT, ReportInputs, wise_ft_curves, write_report)
 from lightclip_core.evaluate.retrieval import (attribute_consistent_retrieval, oracle_retrieval, retrieval_metrics,
                                                text_equivalent_retrieval)
 from lightclip_core.evaluate.zeroshot import classification_metrics
 from lightclip_core.export.load import ExportedModel, load_exported
+from lightclip_core.export.wise_ft import has_wise_ft, wise_ft_model
 from lightclip_core.infra.storage import write_json_atomic
 from lightclip_core.models.clip import zero_shot_weights
 
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
+BENCHMARKS_FILE = "benchmarks.json"  # what each benchmark set is (kind, format, path, classes, templates)
 PLOTS_DIR = "plots"
 ZERO_SHOT_KS = (1, 5)
 SIMILARITY_PAIRS = 8
@@ -145,6 +150,26 @@ def run_zero_shot(exported: ExportedModel, emb: TestEmbeddings, task: str, spec:
     return classification_metrics(logits, emb.labels[task], len(spec["classes"]), ks=ZERO_SHOT_KS)
 
 
+def zero_shot_results(cfg: Config, exported: ExportedModel, emb: TestEmbeddings, tasks: dict[str, Any]
+                      ) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Every task's templates (its own, else evaluate.templates) and classification results."""
+    out = {}
+    for task, spec in tasks.items():
+        templates = list(spec.get("templates") or cfg.evaluate.templates)
+        out[task] = templates, run_zero_shot(exported, emb, task, spec, templates, cfg.evaluate.batch_size)
+    return out
+
+
+def zero_shot_metrics(results: dict[str, tuple[list[str], dict[str, Any]]]) -> dict[str, float]:
+    return {f"zeroshot/{task}/{name}": result[name] for task, (_, result) in results.items()
+            for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]}
+
+
+def recall_metrics(recalls: dict[str, Recalls]) -> dict[str, float]:
+    return {f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
+            for direction, per_k in result.items() for k, value in per_k.items()}
+
+
 @torch.inference_mode()
 def similarity_pairs(exported: ExportedModel, test_dir: str | os.PathLike, manifest: dict[str, Any],
                      count: int) -> tuple[list[np.ndarray], list[str], np.ndarray]:
@@ -202,20 +227,56 @@ def plot_files(tasks: list[str]) -> dict[str, str]:
         files[f"{task}/confusion"] = f"{PLOTS_DIR}/zeroshot_{stem}_confusion.png"
     files.update({"retrieval": f"{PLOTS_DIR}/retrieval_recall.png",
                   "similarity": f"{PLOTS_DIR}/similarity_heatmap.png",
-                  "training_curves": f"{PLOTS_DIR}/training_curves.png"})
+                  "training_curves": f"{PLOTS_DIR}/training_curves.png", "wise_ft": f"{PLOTS_DIR}/wise_ft.png"})
     return files
 
 
+def run_benchmarks(cfg: Config, exported: ExportedModel, benchmarks: list[BenchmarkSet]
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Every benchmark set's metrics, and its skipped samples (`benchmark/<name>/skipped/...`)."""
+    metrics: dict[str, float] = {}
+    skipped: dict[str, float] = {}
+    for bench in benchmarks:
+        result, tally = evaluate_benchmark(exported, bench, cfg.evaluate.recall_at, cfg.evaluate.batch_size,
+                                           cfg.data.max_skip_fraction)
+        metrics.update(result)
+        skipped.update({metric_prefix(bench.spec.name) + key: value for key, value in tally.metrics().items()})
+    return metrics, skipped
+
+
+def wise_ft_curve(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, manifest: dict[str, Any],
+                  tasks: dict[str, Any], benchmarks: list[BenchmarkSet], device: str | torch.device
+                  ) -> dict[str, float]:
+    """WiSE-FT: the test split's and every benchmark set's metrics of the weights (1 - a) * start + a * fine-tuned
+    at every a of `evaluate.wise_ft_alphas`, under `wise_ft/<a>/`."""
+    out: dict[str, float] = {}
+    for alpha in cfg.evaluate.wise_ft_alphas:
+        model = wise_ft_model(export_dir, alpha, device)
+        emb = embed_test_set(model, test_dir, manifest, tasks, cfg.evaluate.batch_size)
+        values = {**zero_shot_metrics(zero_shot_results(cfg, model, emb, tasks)),
+                  **recall_metrics(retrieval_recalls(emb, manifest, cfg.evaluate.recall_at)),
+                  **run_benchmarks(cfg, model, benchmarks)[0]}
+        out.update({f"{WISE_FT}/{alpha:g}/{key}": value for key, value in values.items()})
+    return out
+
+
 def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, out_dir: str | os.PathLike,
-             train_log: str | os.PathLike | None = None, device: str | torch.device | None = None) -> EvalResult:
-    """Evaluate the exported model on the test split; see the module docstring for what is written."""
+             train_log: str | os.PathLike | None = None, device: str | torch.device | None = None,
+             benchmarks: list[BenchmarkSet] | None = None) -> EvalResult:
+    """Evaluate the exported model on the test split and on the benchmark sets (`benchmarks`, opened by the
+    caller; default: `evaluate.benchmarks` at local paths); see the module docstring for what is written."""
     out_dir = Path(out_dir)
     manifest = read_manifest(test_dir)
     tasks = select_tasks(manifest, cfg.evaluate.tasks, test_dir)  # fail on a bad task before any work
+    if benchmarks is None:  # a missing or malformed set fails here, before the model is loaded
+        benchmarks = open_benchmarks(cfg.evaluate.benchmarks, cfg.evaluate.templates)
     files = {name: out_dir / rel for name, rel in plot_files(list(tasks)).items()}
     if train_log is not None and not Path(train_log).is_file():
         raise FileNotFoundError(f"training log {str(train_log)!r} does not exist")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.evaluate.wise_ft_alphas and not has_wise_ft(export_dir):
+        raise ConfigError(f"evaluate.wise_ft_alphas={cfg.evaluate.wise_ft_alphas}: the export {str(export_dir)!r} "
+                          "has no WiSE-FT endpoints; its run did not start from weights (model.init_from)")
     exported = load_exported(export_dir, device=device)
     emb = embed_test_set(exported, test_dir, manifest, tasks, cfg.evaluate.batch_size)
     emb.skips.check(cfg.data.max_skip_fraction, f"evaluate --data {test_dir}")  # before anything is written
@@ -223,40 +284,45 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     metrics: dict[str, float] = {"num_test_samples": len(emb.images)}
     per_class: dict[str, Any] = {}
     plot_paths: dict[str, Path] = {}
-    for task, spec in tasks.items():
-        templates = list(spec.get("templates") or cfg.evaluate.templates)
-        result = run_zero_shot(exported, emb, task, spec, templates, cfg.evaluate.batch_size)
-        for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]:
-            metrics[f"zeroshot/{task}/{name}"] = result[name]
-        per_class[task] = {"classes": list(spec["classes"]), "recall": result["per_class_recall"],
+    zero_shot = zero_shot_results(cfg, exported, emb, tasks)
+    metrics.update(zero_shot_metrics(zero_shot))
+    for task, (templates, result) in zero_shot.items():
+        classes = tasks[task]["classes"]
+        per_class[task] = {"classes": list(classes), "recall": result["per_class_recall"],
                            "support": result["support"], "confusion": result["confusion"].tolist(),
                            "templates": templates}
         title = f"zero-shot {task}"
         plot_paths[f"{task}/per_class"] = plots.plot_per_class_accuracy(
-            spec["classes"], result["per_class_recall"], f"{title}: per-class accuracy", files[f"{task}/per_class"])
+            classes, result["per_class_recall"], f"{title}: per-class accuracy", files[f"{task}/per_class"])
         plot_paths[f"{task}/confusion"] = plots.plot_confusion_matrix(
-            result["confusion"], spec["classes"], f"{title}: confusion", files[f"{task}/confusion"])
+            result["confusion"], classes, f"{title}: confusion", files[f"{task}/confusion"])
 
     recalls = retrieval_recalls(emb, manifest, cfg.evaluate.recall_at)
-    metrics.update({f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
-                    for direction, per_k in result.items() for k, value in per_k.items()})
+    metrics.update(recall_metrics(recalls))
     plot_paths["retrieval"] = plots.plot_retrieval_recall(
         {f"{direction}, {RETRIEVAL_DEFINITIONS[prefix]}": per_k for prefix, result in recalls.items()
          for direction, per_k in result.items()}, files["retrieval"])
     pair_images, pair_captions, similarity = similarity_pairs(exported, test_dir, manifest, SIMILARITY_PAIRS)
     plot_paths["similarity"] = plots.plot_similarity_heatmap(pair_images, pair_captions, similarity,
                                                              files["similarity"])
+    bench_metrics, bench_skipped = run_benchmarks(cfg, exported, benchmarks)
+    metrics.update(bench_metrics)
+    if cfg.evaluate.wise_ft_alphas:
+        metrics.update(wise_ft_curve(cfg, export_dir, test_dir, manifest, tasks, benchmarks, device))
+        plot_paths["wise_ft"] = plots.plot_wise_ft(wise_ft_curves(metrics), files["wise_ft"])
+    described = {bench.spec.name: bench.describe() for bench in benchmarks}
     training: dict[str, float] = {}
     if train_log is not None:
         plot_paths["training_curves"] = plots.plot_training_curves(train_log, files["training_curves"])
         training = training_summary(train_log)
 
     write_json_atomic(out_dir / PER_CLASS_FILE, per_class)
+    write_json_atomic(out_dir / BENCHMARKS_FILE, described)
     write_json_atomic(out_dir / METRICS_FILE, metrics)  # sorted keys: DVC diffs it
     report = write_report(ReportInputs(
         metrics=metrics, per_class=per_class, export_config=exported.config, test_data=describe_dataset(manifest),
         plots={name: str(path.relative_to(out_dir)) for name, path in plot_paths.items()}, training=training,
-    ), out_dir, "LightCLIP evaluation report")
+        benchmarks=described, wise_ft=wise_ft_curves(metrics)), out_dir, "LightCLIP evaluation report")
     log.info("evaluated %d test samples: %s", len(emb.images), metrics)
     return EvalResult(metrics=metrics, metrics_path=out_dir / METRICS_FILE, per_class_path=out_dir / PER_CLASS_FILE,
-                      plots=plot_paths, report=report, skipped=emb.skips.metrics())
+                      plots=plot_paths, report=report, skipped={**emb.skips.metrics(), **bench_skipped})

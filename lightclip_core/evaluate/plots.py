@@ -1,4 +1,4 @@
-"""PNG plots for the evaluation report: training curves, per-class accuracy, confusion matrices.
+"""PNG plots for the evaluation report: training curves, per-class accuracy, confusion matrices, the WiSE-FT curve.
 
 Figures are drawn on the Agg canvas directly (no pyplot), so plotting works headless, in worker processes and
 threads, and never depends on the user's matplotlib backend.
@@ -105,6 +105,18 @@ def plot_retrieval_recall(recalls: dict[str, dict[int, float]], path: Path) -> P
         ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90 if len(directions) > 4 else 0, padding=2)
     ax.set_xticks(np.arange(len(ks)), labels=[f"R@{k}" for k in ks])
     ax.set(ylim=(0, 1.15), ylabel="recall", title="Image-text retrieval: recall at k")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return _save(fig, path)
+
+
+def plot_wise_ft(curves: dict[str, dict[float, float]], path: Path) -> Path:
+    """WiSE-FT: each headline metric against the interpolation weight alpha (0: the start weights, 1: fine-tuned)."""
+    fig = Figure(figsize=(7.5, 4))
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", label=name)
+    ax.set(xlim=(-0.02, 1.02), ylim=(0, 1.05), xlabel="alpha: (1 - alpha) * start + alpha * fine-tuned",
+           ylabel="top-1 / R@1", title="WiSE-FT: weight interpolation between the start and the fine-tuned model")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return _save(fig, path)
 

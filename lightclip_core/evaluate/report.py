@@ -23,6 +23,7 @@ ORACLE = "retrieval_oracle"
 RETRIEVAL_DEFINITIONS = {STRICT: "strict", TEXT_EQUIVALENT: "text-equivalent", ATTRIBUTE: "attribute-consistent",
                          ORACLE: "attribute oracle (strict)"}  # prefix -> its name in the report, in report order
 HEADLINE_RETRIEVAL = f"{STRICT}/image_to_text/R@1"
+WISE_FT = "wise_ft"  # metric prefix of the WiSE-FT curve: wise_ft/<alpha>/<metric>
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}")
@@ -62,6 +63,8 @@ class ReportInputs:
     training: dict[str, float] = field(default_factory=dict)  # steps, final loss, ... from the training log
     comparison: Comparison | None = None
     lineage: dict[str, str] = field(default_factory=dict)
+    benchmarks: dict[str, Any] = field(default_factory=dict)  # set name -> what it is (benchmarks.json)
+    wise_ft: dict[str, dict[float, float]] = field(default_factory=dict)  # headline metric -> alpha -> value
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -147,6 +150,69 @@ def retrieval_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]
     return ["direction", "definition"] + [f"R@{k}" for k in ks], rows
 
 
+def _set_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
+    prefix = f"benchmark/{name}/"
+    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def benchmark_tables(metrics: dict[str, float], sets: dict[str, Any]) -> list[str]:
+    """A table of the classification sets and one per retrieval set (Markdown blocks), from `benchmark/<name>/...`."""
+    classification, blocks = [], []
+    for name, about in sorted(sets.items()):
+        m = _set_metrics(metrics, name)
+        where = f"`{about.get('format', '?')}` {about.get('path', '')}"
+        if about.get("kind") == "classification":
+            classes = about.get("classes") or []
+            classification.append([name, where, str(int(m.get("num_images", 0))), str(len(classes)),
+                                   _pct(1 / len(classes) if classes else None), _pct(m.get("top1")),
+                                   _pct(m.get("top5")), _pct(m.get("mean_per_class_recall"))])
+        else:
+            header, rows = retrieval_rows(m)
+            blocks += [f"**{name}** ({where}): {int(m.get('num_images', 0))} images, "
+                       f"{int(m.get('num_captions', 0))} captions.", "", _table(header, rows), ""]
+    if classification:
+        blocks = [_table(["set", "format and path", "images", "classes", "chance", "top-1", "top-5",
+                          "mean per-class recall"], classification), ""] + blocks
+    return blocks
+
+
+def benchmark_headline(metrics: dict[str, float], sets: dict[str, Any]) -> list[str]:
+    """One phrase per benchmark set: its top-1, or its strict image-to-text R@1."""
+    out = []
+    for name, about in sorted(sets.items()):
+        m = _set_metrics(metrics, name)
+        out.append(f"**{name}** zero-shot top-1 {_pct(m.get('top1'))}" if about.get("kind") == "classification"
+                   else f"**{name}** image-to-text R@1 {_pct(m.get(f'{STRICT}/image_to_text/R@1'))} strict, "
+                        f"{_pct(m.get(f'{TEXT_EQUIVALENT}/image_to_text/R@1'))} text-equivalent")
+    return out
+
+
+def wise_ft_curves(metrics: dict[str, float]) -> dict[str, dict[float, float]]:
+    """Headline metric -> alpha -> value, from the `wise_ft/<a>/...` metrics: every zero-shot top-1, the strict
+    image-to-text R@1, and every benchmark set's top-1 or strict image-to-text R@1."""
+    headline = re.compile(rf"^{WISE_FT}/([^/]+)/((?:benchmark/[^/]+/)?(?:zeroshot/[^/]+/top1|top1|"
+                          rf"{STRICT}/image_to_text/R@1))$")
+    curves: dict[str, dict[float, float]] = {}
+    for key, value in metrics.items():
+        match = headline.match(key)
+        if match:
+            curves.setdefault(match.group(2), {})[float(match.group(1))] = value
+    return {name: dict(sorted(curve.items())) for name, curve in sorted(curves.items())}
+
+
+def wise_ft_section(curves: dict[str, dict[float, float]], exported_alpha: float | None, plot: str | None) -> list[str]:
+    alphas = sorted({a for curve in curves.values() for a in curve})
+    rows = [[f"{a:g}" + (" (exported)" if exported_alpha is not None and a == exported_alpha else "")] +
+            [_pct(curves[name].get(a)) for name in curves] for a in alphas]
+    out = ["## WiSE-FT", "",
+           "The model's weights interpolated between the weights its training started from (alpha 0) and the "
+           "fine-tuned ones (alpha 1), `(1 - alpha) * start + alpha * fine-tuned` (Wortsman et al., \"Robust "
+           "fine-tuning of zero-shot models\"); `export.wise_ft_alpha` picks the one that is exported and "
+           "registered. Metrics are in `metrics.json` under `wise_ft/<alpha>/`.", "",
+           _table(["alpha"] + [f"`{name}`" for name in curves], rows)]
+    return out + (["", f"![WiSE-FT curve]({plot})"] if plot else [])
+
+
 def retrieval_headline(metrics: dict[str, float]) -> str:
     """Image-to-text R@1 by every definition measured, strict first."""
     values = [(name, metrics.get(f"{prefix}/image_to_text/R@1")) for prefix, name in RETRIEVAL_DEFINITIONS.items()]
@@ -195,6 +261,7 @@ def build_report(r: ReportInputs, title: str) -> str:
     headline = [f"zero-shot top-1 on **{row[0]}** {row[3]} (chance {row[2]})" for row in tasks]
     if HEADLINE_RETRIEVAL in m:
         headline.append(retrieval_headline(m))
+    headline += benchmark_headline(m, r.benchmarks)
     out = [f"# {title}", "", "## Summary", "",
            f"- **Model:** {describe_model(r.export_config)}.",
            f"- **Trained** for {describe_training(r.export_config, r.training)}.",
@@ -224,6 +291,15 @@ def build_report(r: ReportInputs, title: str) -> str:
     for name, caption in (("retrieval", "recall at k"), ("similarity", "image-text similarity")):
         if name in r.plots:
             out += ["", f"![{caption}]({r.plots[name]})"]
+    if r.benchmarks:
+        out += ["", "## Benchmark sets", "",
+                "Standard sets evaluated beside the test split (`evaluate.benchmarks`): zero-shot classification "
+                "with the set's class names and prompt templates, retrieval by the strict and text-equivalent "
+                "definitions above. Metrics are in `metrics.json` under `benchmark/<set>/`.", ""]
+        out += benchmark_tables(m, r.benchmarks)
+    if r.wise_ft:
+        exported_alpha = (r.export_config.get("wise_ft") or {}).get("alpha")
+        out += [""] + wise_ft_section(r.wise_ft, exported_alpha, r.plots.get("wise_ft"))
     if "training_curves" in r.plots:
         out += ["", "## Training", "", f"![training curves]({r.plots['training_curves']})"]
     if r.lineage:
@@ -275,6 +351,8 @@ def model_card(r: ReportInputs) -> str:
                          zero_shot_rows(r.metrics, r.per_class))]
     header, rows = retrieval_rows(r.metrics)
     lines += ["", _table(header, rows)]
+    if r.benchmarks:
+        lines += ["", "Benchmark sets:", ""] + benchmark_tables(r.metrics, r.benchmarks)
     if r.lineage:
         lines += ["", "Lineage: " + "; ".join(f"{k} `{v}`" for k, v in r.lineage.items()) + "."]
     lines += ["", "Use: `mlflow.pyfunc.load_model(\"models:/<name>@champion\").predict(df)` with a DataFrame of "

@@ -6,7 +6,9 @@ stripped of the modules no encoder reads (:mod:`lightclip_core.export.prune`). `
 its inputs, see :mod:`lightclip_core.export.load`), the tokenizer's vocabulary file, one `torch.export` program
 per encoder (`*.pt2`) and, when `export.onnx` is set, one ONNX file per encoder; both formats have a dynamic batch
 axis. `parity.json` reports, per encoder and at two batch sizes, how far the folded model is from the trained one
-and each format from the folded model; the stage fails past `export.parity_tolerance`.
+and each format from the folded model; the stage fails past `export.parity_tolerance`. A run started from weights
+(`model.init_from`) is exported at `export.wise_ft_alpha` between them and its fine-tuned weights, with both
+endpoints kept for other alphas (:mod:`lightclip_core.export.wise_ft`).
 """
 from __future__ import annotations
 
@@ -27,15 +29,18 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.export import ExportedProgram
 
-from lightclip_core.config import Config, ExportConfig, ModelConfig
+from lightclip_core.config import Config, ConfigError, ExportConfig, ModelConfig
 from lightclip_core.export.format import (CONFIG_FILE, ENCODER_INPUTS, FORMAT_VERSION, ONNX_FILES, ONNX_INPUTS,
-                                          ONNX_OUTPUT, PARITY_FILE, PROGRAM_FILES, TOKENIZER_VOCAB_FILE, WEIGHTS_FILE)
+                                          ONNX_OUTPUT, PARITY_FILE, PROGRAM_FILES, TOKENIZER_VOCAB_FILE, WEIGHTS_FILE,
+                                          WISE_FT_FILE)
 from lightclip_core.export.prune import drop_modules, unreachable_modules
 from lightclip_core.export.reparam import parameter_count, reparameterize
+from lightclip_core.export.wise_ft import WISE_FT_KEY, interpolate_state, write_endpoints
 from lightclip_core.infra.storage import atomic_path, sha256_file, write_json_atomic
 from lightclip_core.models.clip import CLIP
 from lightclip_core.models.tokenizer import tokenize, tokenizer_spec, vocab_file
 from lightclip_core.train.checkpoint import load_checkpoint
+from lightclip_core.train.start import START_KEY
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,7 @@ def export_metadata(model: CLIP, step: int | None, param_count_unfused: int, dro
     cfg = model.cfg
     return {
         "format_version": FORMAT_VERSION,
-        "model_config": cfg.model_dump(mode="json"),
+        "model_config": cfg.architecture(),
         "reparameterized": True,  # the loader folds the freshly built model before loading these weights
         "dropped_modules": dropped,
         "embed_dim": cfg.embed_dim,
@@ -140,6 +145,17 @@ def write_weights(model: nn.Module, path: Path) -> None:
     # save_model (unlike save_file) drops the aliases of shared tensors; load_model restores them.
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
+
+
+def wise_ft_start(cfg: Config, ckpt: dict[str, Any], checkpoint: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's start weights (`start_model`, a run with `model.init_from`), None without them; a
+    ConfigError when `export.wise_ft_alpha` asks to interpolate towards start weights the checkpoint has not."""
+    start = ckpt.get(START_KEY)
+    if start is None and cfg.export.wise_ft_alpha != 1:
+        raise ConfigError(f"export.wise_ft_alpha={cfg.export.wise_ft_alpha:g}: the checkpoint {str(checkpoint)!r} "
+                          f"has no start weights (its run was not started from weights, model.init_from); allowed: "
+                          f"1.0 for it")
+    return start
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -288,11 +304,14 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
     """Export the final training checkpoint to `out_dir` (see the module docstring). `config.json` is written
     last, only when every parity check passes: a failed export is never loadable."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model, ckpt = model_from_checkpoint(checkpoint)
-    if model.cfg != cfg.model:
+    start = wise_ft_start(cfg, ckpt, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model.cfg.architecture() != cfg.model.architecture():
         # The checkpoint is what was trained; params.yaml may have moved on since.
         log.warning("model config in %s differs from params.yaml's `model`; exporting the checkpoint's", checkpoint)
+    if start is not None:  # WiSE-FT: every check below is on the interpolated model
+        model.load_state_dict(interpolate_state(start, ckpt["model"], cfg.export.wise_ft_alpha), strict=True)
     inputs = parity_inputs(model, cfg.export.parity_batch)
     trained = reference_outputs(pytorch_runners(model), inputs)
     param_count_unfused = parameter_count(model)
@@ -301,6 +320,9 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
 
     files = {"weights": out_dir / WEIGHTS_FILE, "tokenizer_vocab": out_dir / TOKENIZER_VOCAB_FILE}
     write_weights(model, files["weights"])
+    if start is not None:
+        files["wise_ft_endpoints"] = out_dir / WISE_FT_FILE
+        write_endpoints(files["wise_ft_endpoints"], start, ckpt["model"])
     with atomic_path(files["tokenizer_vocab"]) as tmp:
         shutil.copyfile(vocab_file(), tmp)
     format_files, format_parity = write_formats(model, programs, out_dir, cfg.export, inputs)
@@ -314,6 +336,10 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
     if ckpt.get("lineage"):
         metadata["lineage"] = ckpt["lineage"]  # the training data and parameters, for every report on this model
     metadata["files"].update({f"{name}_program": fname for name, fname in PROGRAM_FILES.items()})
+    if start is not None:
+        metadata["files"]["wise_ft_endpoints"] = WISE_FT_FILE
+        metadata[WISE_FT_KEY] = {"alpha": cfg.export.wise_ft_alpha, "endpoints": WISE_FT_FILE,
+                                 "init_from": (ckpt.get("lineage") or {}).get("init_from")}
     metadata["torch_export"] = {"files": PROGRAM_FILES, "inputs": ENCODER_INPUTS, "dynamic_axes": {"batch": 0},
                                 "normalized": True}
     if cfg.export.onnx:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 FORMAT_VERSION = 2  # 2: weights of the reparameterized model, torch.export programs, tokenizer vocabulary
 WEIGHTS_FILE = "model.safetensors"
+WISE_FT_FILE = "wise_ft.safetensors"  # a run started from weights: both unfolded endpoints (export/wise_ft.py)
+EXPORT_ARTIFACT = "export"  # the export directory's name among a registered (pyfunc) model's artifacts
 CONFIG_FILE = "config.json"
 PARITY_FILE = "parity.json"
 TOKENIZER_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"

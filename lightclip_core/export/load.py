@@ -114,13 +114,30 @@ def build_tokenizer(export_dir: str | os.PathLike, config: dict[str, Any]) -> Si
     return tokenizer_from_file(path, int(spec["context_length"]))
 
 
-def build_model_from_config(config: dict[str, Any]) -> CLIP:
-    """The architecture described by `config.json` (folded and pruned as exported), randomly initialised."""
-    model = CLIP(ModelConfig.model_validate(config["model_config"])).eval()
+def training_model(config: dict[str, Any]) -> CLIP:
+    """The training-time (unfolded) architecture of `config.json`, randomly initialised, in eval mode."""
+    return CLIP(ModelConfig.model_validate(config["model_config"])).eval()
+
+
+def fold_as_exported(model: CLIP, config: dict[str, Any]) -> CLIP:
+    """`model` (training-time, eval mode) folded and pruned in place as the export recorded in `config.json`."""
     if config.get("reparameterized"):
         reparameterize(model)
     drop_modules(model, config.get("dropped_modules", []))
     return model
+
+
+def build_model_from_config(config: dict[str, Any]) -> CLIP:
+    """The architecture described by `config.json` (folded and pruned as exported), randomly initialised."""
+    return fold_as_exported(training_model(config), config)
+
+
+def exported_model(model: CLIP, export_dir: str | os.PathLike, config: dict[str, Any],
+                   device: str | torch.device = "cpu") -> ExportedModel:
+    """`model` (folded, weights loaded) with the export's preprocessing and tokenizer."""
+    return ExportedModel(model=model.to(device).eval(), preprocess=build_preprocess(config["preprocess"]),
+                         context_length=int(config["tokenizer"]["context_length"]), config=config,
+                         bpe=build_tokenizer(export_dir, config))
 
 
 def load_exported(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedModel:
@@ -128,6 +145,30 @@ def load_exported(export_dir: str | os.PathLike, device: str | torch.device = "c
     config = read_export_config(export_dir)
     model = build_model_from_config(config)
     load_model(model, str(Path(export_dir) / WEIGHTS_FILE), strict=True, device=str(device))
-    return ExportedModel(model=model.to(device).eval(), preprocess=build_preprocess(config["preprocess"]),
-                         context_length=int(config["tokenizer"]["context_length"]), config=config,
-                         bpe=build_tokenizer(export_dir, config))
+    return exported_model(model, export_dir, config, device)
+
+
+class FoldedExportError(ValueError):
+    """The export's weights are not those of the training-time model: folding or pruning changed its state dict."""
+
+
+def training_state_dict(export_dir: str | os.PathLike, config: dict[str, Any] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """The export's weights as the state dict of its training-time architecture (what training can start from),
+    when folding and pruning left that architecture's state dict as it was: the weights load strictly into the
+    unfolded model, and folding that model changes none of its tensors. Otherwise :class:`FoldedExportError`."""
+    config = config or read_export_config(export_dir)
+    model = training_model(config)
+    try:  # not strict: the names that do not fit come back; a shape that does not fit raises
+        missing, unexpected = load_model(model, str(Path(export_dir) / WEIGHTS_FILE), strict=False)
+    except RuntimeError as err:  # "Error(s) in loading state_dict for CLIP:", then one line per problem
+        raise FoldedExportError(f"weights are folded ({str(err).strip().splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        which = f"{sorted(missing)[0]!r} is missing" if missing else f"{sorted(unexpected)[0]!r} is not in the model"
+        raise FoldedExportError(f"weights are folded or pruned ({which})")
+    unfolded = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    folded = fold_as_exported(model, config).state_dict()
+    changed = next((n for n in unfolded if n not in folded or not torch.equal(folded[n], unfolded[n])), None)
+    if changed is not None or folded.keys() != unfolded.keys():
+        raise FoldedExportError(f"weights change when the model is folded ({changed or 'new tensors'!r})")
+    return unfolded

@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-EXPORT_ARTIFACT = "export"
+from lightclip_core.export.format import EXPORT_ARTIFACT
 
 
 class LightCLIPModel(PythonModel):

@@ -2,6 +2,7 @@
 composes it with the other sections."""
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -73,6 +74,18 @@ class ModelConfig(Section):
                                                             "null: the model has none")
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
+    init_from: str | None = Field(
+        None, min_length=1,
+        description="start training from these weights instead of a random initialisation (step 0 only; a resumed "
+                    "run continues from its checkpoint): a training checkpoint (`.pt`, or a train output directory: "
+                    "its final.pt), an export directory of this architecture, an s3:// URI of either, or a registered "
+                    "model `models:/<name>@<alias>` | `models:/<name>/<version>`; null: random")
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the network, as JSON (all but `init_from`, which says where its first weights come
+        from): what checkpoints and exports record as `model_config`, and what two configurations must share for
+        one's weights to load into the other."""
+        return self.model_dump(mode="json", exclude={"init_from"})
 
     @model_validator(mode="before")
     @classmethod
@@ -85,9 +98,26 @@ class ModelConfig(Section):
         name = explicit.get("preset")
         return merge(preset_values(name), explicit) if isinstance(name, str) and is_preset(name) else explicit
 
+    @field_validator("init_from")
+    @classmethod
+    def _registry_uri_names_a_version(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("models:") and registered_model(value) is None:
+            raise ValueError("a registered model is models:/<name>@<alias> or models:/<name>/<version>")
+        return value
+
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, name: str | None) -> str | None:
         if name is not None and not is_preset(name):
             raise ValueError(f"unknown model preset; known: {', '.join(list_presets())}")
         return name
+
+
+_REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))/?")
+
+
+def registered_model(uri: str) -> tuple[str, str | None, str | None] | None:
+    """`(name, alias, version)` of a model registry URI `models:/<name>@<alias>` or `models:/<name>/<version>` (one
+    of alias and version is None); None for anything else."""
+    found = _REGISTERED.fullmatch(uri)
+    return (found["name"], found["alias"], found["version"]) if found else None

@@ -23,7 +23,9 @@ from typing import Any
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.shards import describe_dataset
-from lightclip_core.evaluate.report import Comparison, GateFigures, ReportInputs, model_card, write_report
+from lightclip_core.evaluate.report import (Comparison, GateFigures, ReportInputs, model_card, wise_ft_curves,
+                                            write_report)
+from lightclip_core.export.format import EXPORT_ARTIFACT
 from lightclip_core.infra.storage import write_json_atomic
 from lightclip_core.tracking.mlflow_utils import StageRun, git_state, manifest_digest, metric_key
 
@@ -197,7 +199,7 @@ def log_pyfunc(cfg: Config, export_dir: Path, run: StageRun) -> Any:
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(Path(lightclip_core.__file__).parent / "export" / "pyfunc_model.py"),
-            artifacts={"export": str(export_dir)},
+            artifacts={EXPORT_ARTIFACT: str(export_dir)},
             code_paths=[str(Path(lightclip_core.__file__).parent)],
             pip_requirements=pip_requirements(),
             signature=model_signature(),
@@ -282,6 +284,8 @@ def _report_inputs(inputs: RegisterInputs, out_dir: Path, comparison: Comparison
 
     per_class_path = inputs.eval_dir / "per_class.json"
     per_class = json.loads(per_class_path.read_text()) if per_class_path.is_file() else {}
+    benchmarks_path = inputs.eval_dir / "benchmarks.json"  # evaluations of older versions have none
+    benchmarks = json.loads(benchmarks_path.read_text()) if benchmarks_path.is_file() else {}
     test_manifest = _manifest(inputs.test_data)
     return ReportInputs(
         metrics=inputs.metrics, per_class=per_class,
@@ -289,7 +293,7 @@ def _report_inputs(inputs: RegisterInputs, out_dir: Path, comparison: Comparison
         test_data=describe_dataset(test_manifest) if test_manifest else {},
         plots=_copy_plots(inputs.eval_dir, out_dir, sorted(per_class)),
         training=training_summary(inputs.train_log) if inputs.train_log else {},
-        comparison=comparison, lineage=lineage)
+        comparison=comparison, lineage=lineage, benchmarks=benchmarks, wise_ft=wise_ft_curves(inputs.metrics))
 
 
 def register(cfg: Config, inputs: RegisterInputs, out_dir: str | os.PathLike, run: StageRun) -> RegisterResult:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.register.registration import RegisterResult, gate_passes, read_inputs, register, skipped
-from lightclip_core.stages.io import existing, local_dir, output_dir, output_location, split_manifest, split_of
+from lightclip_core.stages.io import (InputError, existing, local_dir, localise, output_dir, output_location,
+                                      split_manifest, split_of)
 from lightclip_core.tracking.mlflow_utils import StageRun
 
 EXPORT_CONFIG = "config.json"  # written last by the export
@@ -23,10 +25,24 @@ class EvaluateSummary:
         return self.metrics
 
 
+def benchmark_location(uri: str, what: str) -> Path:
+    """A benchmark set's file or folder as a local path: an `s3://` object or prefix is fetched to the cache (reused
+    by ETag); a local path is itself, whether it exists or not (the set's checks say what is missing)."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    if what == "dir":
+        return localise(uri)
+    if not storage.exists(uri):
+        raise InputError(f"evaluate.benchmarks: {storage.redact_uri(uri)!r} does not exist")
+    return storage.fetch_to_local(uri, storage.default_cache_dir())
+
+
 def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                  train_log: str | os.PathLike | None = None) -> EvaluateSummary:
     """Zero-shot classification and retrieval of the export `model` on the test split `data` (a prepared root: its
-    test/); metrics, per-class results, plots and the report land in `out` (`metrics.json` published last)."""
+    test/) and on the benchmark sets of `evaluate.benchmarks` (local or `s3://`); metrics, per-class results, plots
+    and the report land in `out` (`metrics.json` published last)."""
+    from lightclip_core.evaluate.benchmarks import open_benchmarks
     from lightclip_core.evaluate.evaluation import evaluate, select_tasks
 
     output_location(out, "evaluation directory")
@@ -36,9 +52,10 @@ def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLi
     test_dir = local_dir(data, "test split", "data")
     select_tasks(split_manifest(test_dir, "test split", "data", data), cfg.evaluate.tasks, data)  # before the run
     log = existing(train_log, "training log", "train_log") if train_log else None
+    benchmarks = open_benchmarks(cfg.evaluate.benchmarks, cfg.evaluate.templates, benchmark_location)
     with StageRun(cfg, "evaluate", inputs={"model": export_dir, "data": test_dir}) as run, \
             output_dir(out, "evaluate", last=(METRICS,)) as local:
-        result = evaluate(cfg, export_dir, test_dir, local, train_log=log)
+        result = evaluate(cfg, export_dir, test_dir, local, train_log=log, benchmarks=benchmarks)
         run.log_metrics({**result.metrics, **result.skipped})
         run.log_artifact(local)
     return EvaluateSummary(str(out), {**result.metrics, **result.skipped})  # skipped/...: the summary, not metrics.json

@@ -10,9 +10,8 @@ from lightclip_core.config import Config
 from lightclip_core.infra import storage
 from lightclip_core.stages.io import (InputError, flat_numbers, local_dir, local_file, output_dir, output_location,
                                       split_manifest, split_of)
+from lightclip_core.stages.start import FINAL, read_checkpoint, start_weights
 from lightclip_core.tracking.mlflow_utils import StageRun
-
-FINAL = "final.pt"
 
 
 @dataclass
@@ -28,21 +27,22 @@ def run_train(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike) -
     """Train on the (prepared or reinforced) split `data` (a prepared root: its train/). Under `torchrun
     --nproc-per-node N` every rank calls this; rank 0 alone tracks the run, writes `out/metrics.json` and, for an
     `s3://` `out`, publishes the local output directory (kept in the fetch cache, so a restarted job resumes from its
-    checkpoints) with `final.pt` last."""
+    checkpoints) with `final.pt` last. `model.init_from` is resolved and checked here, before the run opens."""
     from lightclip_core.infra.distributed import world_from_env
     from lightclip_core.train.trainer import train
 
     data = split_of(data, "train")
     train_dir = local_dir(data, "training split", "data")
     _check_train_inputs(cfg, train_dir, data, out)
+    start = start_weights(cfg)
     remote = str(out) if storage.is_s3(str(out)) else None
     local = storage.default_cache_dir() / "train-out" / storage.split_s3(remote)[1].strip("/") if remote else Path(out)
     storage.sweep_stale_tmp(local)
     if not world_from_env().is_main:
-        result = train(cfg, train_dir, local)
+        result = train(cfg, train_dir, local, start=start)
         return TrainSummary(str(result.final_checkpoint), result.metrics)
     with StageRun(cfg, "train", inputs={"data": train_dir}) as run:
-        result = train(cfg, train_dir, local, sink=run)
+        result = train(cfg, train_dir, local, sink=run, start=start)
         run.log_metrics({f"summary/{k}": v for k, v in result.metrics.items()})
         run.log_artifact(result.train_log)
     storage.write_json_atomic(local / "metrics.json", result.metrics)
@@ -92,6 +92,11 @@ def run_export(*, cfg: Config, checkpoint: str | os.PathLike, out: str | os.Path
     output_location(out, "export directory")
     storage.sweep_stale_tmp(out)
     final = local_file(checkpoint, "checkpoint", "checkpoint")
+    if cfg.export.wise_ft_alpha != 1:  # interpolating needs the start weights: checked before the run opens
+        from lightclip_core.export.exporter import wise_ft_start
+
+        wise_ft_start(cfg, read_checkpoint(final, f"--checkpoint={str(checkpoint)!r}", "allowed: a final.pt of "
+                                           "`train`"), checkpoint)
     with StageRun(cfg, "export", inputs={"checkpoint": final}) as run, \
             output_dir(out, "export", last=("config.json",)) as local:
         result = export(cfg, final, local)

@@ -23,6 +23,8 @@ scheduler, every RNG state of every rank, every rank's data position) and a fing
 configuration. `train` continues from the newest valid checkpoint in `<out>/checkpoints` when the fingerprint matches
 (the step log is truncated to its step and continued) and starts afresh with a warning when it does not. On CPU in
 deterministic mode a run killed at any step and resumed ends with the same weights, bit for bit, as one that was not.
+A run started from weights (`model.init_from`, train/start.py) keeps them in every checkpoint as `start_model` (the
+export's WiSE-FT endpoint), and their digest is part of the fingerprint; a resumed run continues from its checkpoint.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ from lightclip_core.train.checkpoint import (checkpoint_name, load_checkpoint, n
 from lightclip_core.train.data import (EXTRA_KEYS, DataPosition, StepBatches, local_batch_size, make_loader,
                                        ranks_skips, reinforcement_of)
 from lightclip_core.train.schedule import build_scheduler
+from lightclip_core.train.start import START_KEY, load_start, state_digest
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +133,22 @@ def training_lineage(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     `train` section and the objectives switched on. It travels into the export, so that reports describe the model
     from its own lineage, not from the parameters at evaluation time."""
     objectives = cfg.objectives.model_dump(mode="json")
-    return {"data": describe_dataset(manifest), "train": cfg.train.model_dump(mode="json"),
-            "objectives": sorted(name for name, section in objectives.items() if section["enabled"])}
+    lineage = {"data": describe_dataset(manifest), "train": cfg.train.model_dump(mode="json"),
+               "objectives": sorted(name for name, section in objectives.items() if section["enabled"])}
+    return {**lineage, "init_from": cfg.model.init_from} if cfg.model.init_from is not None else lineage
 
 
-def train_fingerprint(cfg: Config, manifest: dict[str, Any], world_size: int) -> str:
+def train_fingerprint(cfg: Config, manifest: dict[str, Any], world_size: int,
+                      start: dict[str, torch.Tensor] | None = None) -> str:
     """A hash of what decides the computation: the train section (but for NOT_FINGERPRINTED), the model, the
-    objectives, the training shards and the number of ranks (which splits the data)."""
+    objectives, the training shards, the number of ranks (which splits the data) and, from `model.init_from`, the
+    start weights' location and content (an alias that moved is other weights)."""
     payload = {"train": cfg.train.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
-               "model": cfg.model.model_dump(mode="json"), "objectives": cfg.objectives.model_dump(mode="json"),
+               "model": cfg.model.architecture(), "objectives": cfg.objectives.model_dump(mode="json"),
                "shards": [[s["url"], s["num_samples"], s.get("sha256")] for s in manifest["shards"]],
                "world_size": world_size}
+    if start is not None:
+        payload["init_from"] = {"uri": cfg.model.init_from, "sha256": state_digest(start)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -213,8 +221,9 @@ class StepLog:
 
 # ------------------------------------------------------------------------------------------------ the stage
 def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          sink: MetricSink | None = None) -> TrainResult:
-    """Train a CLIP model on the shards in `train_dir`; write checkpoints, the final weights and a step log.
+          sink: MetricSink | None = None, start: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train a CLIP model on the shards in `train_dir`; write checkpoints, the final weights and a step log. With
+    `model.init_from`, `start` holds its weights (lightclip_core.stages.start resolves them): the model's at step 0.
 
     Under torchrun (RANK/WORLD_SIZE set) every rank calls this; it joins the process group (gloo on CPU, NCCL on
     GPUs, failing after `train.dist_timeout_s` instead of hanging) and leaves it again if it joined it. A global
@@ -225,7 +234,7 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
     world = init_from_env(cfg.train.dist_timeout_s)
     threads = torch.get_num_threads()  # train.threads applies to this stage only, not to its caller
     try:
-        return _Trainer(cfg, Path(train_dir), Path(out_dir), sink, world).run()
+        return _Trainer(cfg, Path(train_dir), Path(out_dir), sink, world, start).run()
     finally:
         torch.set_num_threads(threads)
         if joined:
@@ -233,8 +242,9 @@ def train(cfg: Config, train_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, train_dir: Path, out_dir: Path, sink: MetricSink | None, world: World):
-        self.cfg, self.train_dir, self.out_dir, self.world = cfg, train_dir, out_dir, world
+    def __init__(self, cfg: Config, train_dir: Path, out_dir: Path, sink: MetricSink | None, world: World,
+                 start: dict[str, torch.Tensor] | None = None):
+        self.cfg, self.train_dir, self.out_dir, self.world, self.start = cfg, train_dir, out_dir, world, start
         self.sink = sink if world.is_main else None
         self.ckpt_dir = out_dir / "checkpoints"
 
@@ -253,6 +263,8 @@ class _Trainer:
                               f"ranks; each rank reads whole shards, so the split needs at least one per rank")
         _, total_steps = plan_steps(cfg, manifest["num_samples"])
         model = build_model(cfg.model).to(device)
+        start_model = load_start(model, self.start, cfg.model.init_from)  # before the objectives copy the model
+        saved_start = {START_KEY: start_model} if start_model is not None else {}
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         model.visual.to(memory_format=memory_format)
         if t.grad_checkpointing:
@@ -264,7 +276,7 @@ class _Trainer:
         scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
         loader, stream = make_loader(cfg, self.train_dir, world.rank, world.world_size,
                                      pin_memory=device.type == "cuda")
-        fingerprint = train_fingerprint(cfg, manifest, world.world_size)
+        fingerprint = train_fingerprint(cfg, manifest, world.world_size, start_model)
 
         state = self._resume_state(fingerprint)
         step = 0
@@ -351,7 +363,8 @@ class _Trainer:
                         data.position.skips.check_running(cfg.data.max_skip_fraction, manifest["num_samples"],
                                                           f"--data {self.train_dir}")
                     if step % t.checkpoint_every == 0 and step < total_steps:
-                        self._checkpoint(step, model, objectives, optimizer, scheduler, data, fingerprint)
+                        self._checkpoint(step, model, objectives, optimizer, scheduler, data, fingerprint,
+                                         saved_start)
         finally:
             step_log.close()
 
@@ -361,8 +374,8 @@ class _Trainer:
         skips = ranks_skips(positions)
         skips.check(cfg.data.max_skip_fraction, f"--data {self.train_dir}")  # every rank: the same sum
         if world.is_main:
-            save_checkpoint(final, {"model": model.state_dict(), "model_config": cfg.model.model_dump(mode="json"),
-                                    "step": step, "lineage": training_lineage(cfg, manifest)})
+            save_checkpoint(final, {"model": model.state_dict(), "model_config": cfg.model.architecture(),
+                                    "step": step, "lineage": training_lineage(cfg, manifest), **saved_start})
         rank_samples = [p["samples"] for p in positions]
         trained = step - resumed_from
         tail = step_log.rows[-min(len(step_log.rows), 20):]
@@ -410,7 +423,7 @@ class _Trainer:
         log.warning("starting fresh: %s; the old checkpoints were moved to %s", why, aside)
 
     def _checkpoint(self, step: int, model: nn.Module, objectives: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, data: StepBatches, fingerprint: str) -> None:
+                    scheduler: Any, data: StepBatches, fingerprint: str, saved_start: dict[str, Any]) -> None:
         """Every rank contributes its RNG states and data position; rank 0 writes, then prunes. Past the skip limit
         (the ranks' counts summed) every rank stops here, before anything is written."""
         ranks = all_gather_objects({"rng": rng_state(), "data": data.position.state_dict()})
@@ -424,7 +437,7 @@ class _Trainer:
             "format": CHECKPOINT_FORMAT, "step": step, "epoch": data.position.epoch,
             "model": model.state_dict(), "objectives": objectives.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "model_config": self.cfg.model.model_dump(mode="json"), "fingerprint": fingerprint,
-            "world_size": self.world.world_size, "samples_seen": step * t.batch_size, "ranks": ranks,
+            "model_config": self.cfg.model.architecture(), "fingerprint": fingerprint,
+            "world_size": self.world.world_size, "samples_seen": step * t.batch_size, "ranks": ranks, **saved_start,
         })
         prune_checkpoints(self.ckpt_dir, t.keep_checkpoints)
