@@ -36,6 +36,7 @@ from lightclip_core.data.shards import ShardSetWriter  # noqa: E402
 from lightclip_core.data.synthetic import TASK_TEMPLATES, make_sample  # noqa: E402
 from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
+from lightclip_core.stages.start import start_weights  # noqa: E402
 from lightclip_core.train.trainer import train  # noqa: E402
 
 DOMAINS = {"A": (("red", "green", "blue", "yellow"), ("circle", "square", "triangle")),
@@ -71,7 +72,7 @@ def domain_samples(domain: str, split: str, count: int, size: int):
 
 def write_split(out: Path, domain: str, split: str, count: int, size: int) -> Path:
     if not (out / split / "manifest.json").exists():
-        writer = ShardSetWriter(out, split, samples_per_shard=2000)
+        writer = ShardSetWriter(out / split, split, samples_per_shard=2000)
         for sample in domain_samples(domain, split, count, size):
             writer.write(sample)
         writer.close(params={"source": "synthetic", "domain": domain, "seed": 0}, tasks=domain_tasks(domain))
@@ -104,7 +105,7 @@ def run(overrides: list[str], train_dir: Path, test_dir: Path, out: Path) -> dic
     if done.exists():
         return json.loads(done.read_text())
     cfg = load_config(ROOT / "params.yaml", [*CLIP_ONLY, *overrides])
-    result = train(cfg, train_dir, out / "train")
+    result = train(cfg, train_dir, out / "train", start=start_weights(cfg))  # the stage's resolution of init_from
     exported = export(cfg, result.final_checkpoint, out / "export")
     return evaluate(cfg, exported.out_dir, test_dir, out / "eval", train_log=result.train_log).metrics
 
