@@ -292,3 +292,17 @@ def test_names_are_unique_and_the_gate_may_name_only_a_configured_set() -> None:
     with pytest.raises(ConfigError, match=r"registry.gate_metric='benchmark/other/top1'.*configured: \['imnet'\]"):
         validate({"evaluate": {"benchmarks": [one]}, "registry": {"gate_metric": "benchmark/other/top1"}})
     assert validate({"evaluate": {"benchmarks": [one]}, "registry": {"gate_metric": "benchmark/imnet/top1"}})
+
+
+def test_a_wise_ft_curve_of_a_plain_export_is_refused_before_the_mlflow_run(exported, tmp_path, capsys,
+                                                                            monkeypatch) -> None:
+    _, export_dir, test_dir = exported
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"model": TINY_MODEL, "evaluate": {"wise_ft_alphas": [0.5]}}))
+    capsys.readouterr()
+    code = main(["evaluate", "--params", str(params), "--model", str(export_dir), "--data", str(test_dir),
+                 "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "no WiSE-FT endpoints" in err, err
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "mlflow.db").exists()

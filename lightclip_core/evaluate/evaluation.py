@@ -244,6 +244,13 @@ def run_benchmarks(cfg: Config, exported: ExportedModel, benchmarks: list[Benchm
     return metrics, skipped
 
 
+def check_wise_ft(cfg: Config, export_dir: str | os.PathLike) -> None:
+    """A WiSE-FT curve needs an export that keeps both endpoints (a run started from weights)."""
+    if cfg.evaluate.wise_ft_alphas and not has_wise_ft(export_dir):
+        raise ConfigError(f"evaluate.wise_ft_alphas={cfg.evaluate.wise_ft_alphas}: the export {str(export_dir)!r} "
+                          "has no WiSE-FT endpoints; its run did not start from weights (model.init_from)")
+
+
 def wise_ft_curve(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, manifest: dict[str, Any],
                   tasks: dict[str, Any], benchmarks: list[BenchmarkSet], device: str | torch.device
                   ) -> dict[str, float]:
@@ -274,9 +281,7 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     if train_log is not None and not Path(train_log).is_file():
         raise FileNotFoundError(f"training log {str(train_log)!r} does not exist")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.evaluate.wise_ft_alphas and not has_wise_ft(export_dir):
-        raise ConfigError(f"evaluate.wise_ft_alphas={cfg.evaluate.wise_ft_alphas}: the export {str(export_dir)!r} "
-                          "has no WiSE-FT endpoints; its run did not start from weights (model.init_from)")
+    check_wise_ft(cfg, export_dir)
     exported = load_exported(export_dir, device=device)
     emb = embed_test_set(exported, test_dir, manifest, tasks, cfg.evaluate.batch_size)
     emb.skips.check(cfg.data.max_skip_fraction, f"evaluate --data {test_dir}")  # before anything is written

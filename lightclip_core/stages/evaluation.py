@@ -43,7 +43,7 @@ def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLi
     test/) and on the benchmark sets of `evaluate.benchmarks` (local or `s3://`); metrics, per-class results, plots
     and the report land in `out` (`metrics.json` published last)."""
     from lightclip_core.evaluate.benchmarks import open_benchmarks
-    from lightclip_core.evaluate.evaluation import evaluate, select_tasks
+    from lightclip_core.evaluate.evaluation import check_wise_ft, evaluate, select_tasks
 
     output_location(out, "evaluation directory")
     storage.sweep_stale_tmp(out)
@@ -52,6 +52,7 @@ def run_evaluate(*, cfg: Config, model: str | os.PathLike, data: str | os.PathLi
     test_dir = local_dir(data, "test split", "data")
     select_tasks(split_manifest(test_dir, "test split", "data", data), cfg.evaluate.tasks, data)  # before the run
     log = existing(train_log, "training log", "train_log") if train_log else None
+    check_wise_ft(cfg, export_dir)
     benchmarks = open_benchmarks(cfg.evaluate.benchmarks, cfg.evaluate.templates, benchmark_location)
     with StageRun(cfg, "evaluate", inputs={"model": export_dir, "data": test_dir}) as run, \
             output_dir(out, "evaluate", last=(METRICS,)) as local:
