@@ -48,6 +48,8 @@ ARMS: dict[str, list[str]] = {  # each CLIP arm: CLIP_ONLY plus these overrides 
                       "model.image.output_stride=16"],
     "os16_constant": ["train.lr=0.001", "train.image_lr=null", "train.schedule=constant",
                       "model.image.output_stride=16"],
+    # the tower that learns shape supervised in 300 steps (probe_resnet18), under CLIP's loss
+    "resnet18": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "model.image.tower=resnet18"],
 }
 PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and timm keyword arguments
     "probe": {},
@@ -136,7 +138,7 @@ def write_section(table: dict[str, dict[str, float]], args) -> None:
         cells = [f"{100 * e[f'{k}_mean']:.1f} ± {100 * e[f'{k}_sd']:.1f}" if f"{k}_mean" in e else "-"
                  for k in METRICS]
         lines.append(f"| {arm} | {e['seeds']} | " + " | ".join(cells) + f" | {e['wall_time_s_mean']:.0f} |")
-    replace_section("\n".join(lines) + "\n")
+    replace_section("\n".join(lines) + "\n\n")
 
 
 def main() -> None:
