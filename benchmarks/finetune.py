@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, replace_section  # noqa: E402
+from shape_learning import CLIP_ONLY  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.shards import ShardSetWriter  # noqa: E402
@@ -42,9 +43,7 @@ from lightclip_core.train.trainer import train  # noqa: E402
 DOMAINS = {"A": (("red", "green", "blue", "yellow"), ("circle", "square", "triangle")),
            "B": (("purple", "orange", "white", "black"), ("star", "cross", "diamond"))}
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
-CLIP_ONLY = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-             "objectives.mlm.enabled=false", "objectives.distill.enabled=false", "tracking.enabled=false",
-             "export.onnx=false"]
+RUN = [*CLIP_ONLY, "tracking.enabled=false", "export.onnx=false"]  # CLIP's loss alone, as shape_learning.py
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1", "i2t_R@1": "retrieval/image_to_text/R@1",
            "A_colour_shape": "benchmark/domain_A/top1"}
@@ -104,7 +103,7 @@ def run(overrides: list[str], train_dir: Path, test_dir: Path, out: Path) -> dic
     done = out / "eval" / "metrics.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = load_config(ROOT / "params.yaml", [*CLIP_ONLY, *overrides])
+    cfg = load_config(ROOT / "params.yaml", [*RUN, *overrides])
     result = train(cfg, train_dir, out / "train", start=start_weights(cfg))  # the stage's resolution of init_from
     exported = export(cfg, result.final_checkpoint, out / "export")
     return evaluate(cfg, exported.out_dir, test_dir, out / "eval", train_log=result.train_log).metrics

@@ -206,18 +206,24 @@ def decoded(raws: Iterable[dict[str, Any]], decode: Callable[[dict[str, Any]], A
             tally.skip(err.reason, detail=f"sample {raw.get('__key__')!r} of {raw.get('__url__')}: {err}")
 
 
+def open_image(data: bytes, what: str):
+    """Encoded image bytes as a PIL image, fully decoded and converted to RGB; a SampleError (`undecodable_image`,
+    naming `what`) when they do not decode completely."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as err:  # PIL reports corrupt data with many types (OSError, SyntaxError, ValueError)
+        raise SampleError("undecodable_image", f"{what}: {type(err).__name__}: {err}") from None
+
+
 def decode_image(raw: dict[str, Any]):
     """The PIL image of a raw sample (`jpg`, `jpeg`, `png` or `webp`), fully decoded and converted to RGB; a
     SampleError (`missing_image`, `undecodable_image`) when there is none or it does not decode completely."""
-    from PIL import Image
-
     for ext in IMAGE_EXTS:
         if ext in raw:
-            try:
-                with Image.open(io.BytesIO(raw[ext])) as im:
-                    return im.convert("RGB")
-            except Exception as err:  # PIL reports corrupt data with many types (OSError, SyntaxError, ValueError)
-                raise SampleError("undecodable_image", f"{ext}: {type(err).__name__}: {err}") from None
+            return open_image(raw[ext], ext)
     raise SampleError("missing_image", f"no image member (keys: {sorted(raw)})")
 
 

@@ -13,7 +13,6 @@ as the test split's), and `num_images` (plus `num_captions` for retrieval).
 """
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from PIL import Image
 
 from lightclip_core.config import BenchmarkSpec, ConfigError
 from lightclip_core.data.ingest import IMAGE_SUFFIXES, class_directories, image_files
-from lightclip_core.data.reader import decoded, decode_caption, decode_image, iter_raw_samples
+from lightclip_core.data.reader import decode_caption, decode_image, decoded, iter_raw_samples, open_image
 from lightclip_core.data.skips import DataError, SampleError, SkipTally
-from lightclip_core.evaluate.report import STRICT, TEXT_EQUIVALENT
-from lightclip_core.evaluate.retrieval import retrieval_metrics, text_equivalent_retrieval
-from lightclip_core.evaluate.zeroshot import classification_metrics
+from lightclip_core.evaluate.embedding import embed_images, embed_texts
+from lightclip_core.evaluate.report import BENCHMARK, STRICT, TEXT_EQUIVALENT
+from lightclip_core.evaluate.retrieval import recall_metrics, retrieval_metrics, text_equivalent_retrieval
+from lightclip_core.evaluate.zeroshot import ZERO_SHOT_KS, classification_metrics, headline_metrics
 from lightclip_core.evaluate_config import template_slot
 from lightclip_core.export.load import ExportedModel
 from lightclip_core.infra.storage import redact_uri
@@ -40,14 +40,12 @@ CLASSNAMES_FILE = "classnames.txt"  # CLIP_benchmark's metadata files
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TYPE_FILE = "dataset_type.txt"
 NSHARDS_FILE = "nshards.txt"
-PREFIX = "benchmark"
-ZERO_SHOT_KS = (1, 5)
 Localise = Callable[[str, str], Path]  # (uri, what: "file" | "dir") -> a local path (the stage fetches s3://)
 Item = tuple[Image.Image, Any]  # an image and its class index (classification) or its captions (retrieval)
 
 
 def metric_prefix(name: str) -> str:
-    return f"{PREFIX}/{name}/"
+    return f"{BENCHMARK}/{name}/"
 
 
 @dataclass
@@ -106,11 +104,7 @@ def _open_image(path: Path) -> Image.Image:
         data = path.read_bytes()
     except OSError as err:
         raise SampleError("missing_image", f"{path}: {err}") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as err:  # PIL reports corrupt data with many types (OSError, SyntaxError, ValueError)
-        raise SampleError("undecodable_image", f"{path}: {type(err).__name__}: {err}") from None
+    return open_image(data, str(path))
 
 
 def _counted(entries: Iterable[Any], load: Callable[[Any], Item], tally: SkipTally) -> Iterator[Item]:
@@ -281,40 +275,32 @@ def open_benchmark(spec: BenchmarkSpec, default_templates: list[str], localise: 
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-@torch.inference_mode()
 def _embed(exported: ExportedModel, items: Iterator[Item], batch_size: int) -> tuple[torch.Tensor, list[Any]]:
     """Embeddings of every item's image (batched, in order) and the items' targets."""
-    chunks, pending, targets = [], [], []
-    for image, target in items:
-        pending.append(exported.preprocess(image))
-        targets.append(target)
-        if len(pending) == batch_size:
-            chunks.append(exported.model.encode_image(torch.stack(pending).to(exported.device)).cpu())
-            pending = []
-    if pending:
-        chunks.append(exported.model.encode_image(torch.stack(pending).to(exported.device)).cpu())
-    return (torch.cat(chunks) if chunks else torch.empty(0)), targets
+    targets: list[Any] = []
+
+    def images() -> Iterator[Image.Image]:
+        for image, target in items:
+            targets.append(target)
+            yield image
+    return embed_images(exported, images(), batch_size), targets
 
 
 def _classification(exported: ExportedModel, bench: BenchmarkSet, images: torch.Tensor, labels: list[int],
                     batch_size: int) -> dict[str, float]:
     weights = zero_shot_weights(exported.model, bench.classes, bench.templates, exported.tokenize, batch_size)
-    result = classification_metrics(images @ weights.cpu(), torch.tensor(labels), len(bench.classes), ZERO_SHOT_KS)
-    return {name: float(result[name]) for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]}
+    return headline_metrics(classification_metrics(images @ weights.cpu(), torch.tensor(labels), len(bench.classes),
+                                                   ZERO_SHOT_KS))
 
 
-@torch.inference_mode()
 def _retrieval(exported: ExportedModel, images: torch.Tensor, captions: list[list[str]], ks: list[int],
                batch_size: int) -> dict[str, float]:
     texts = [c for per_image in captions for c in per_image]
     owner = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image])
-    text_emb = torch.cat([exported.model.encode_text(exported.tokenize(texts[i:i + batch_size]).to(exported.device))
-                          .cpu() for i in range(0, len(texts), batch_size)])
+    text_emb = embed_texts(exported, texts, batch_size)
     recalls = {STRICT: retrieval_metrics(images, text_emb, owner, ks),
                TEXT_EQUIVALENT: text_equivalent_retrieval(images, text_emb, texts, owner, ks)}
-    out = {f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
-           for direction, per_k in result.items() for k, value in per_k.items()}
-    return {**out, "num_captions": float(len(texts))}
+    return {**recall_metrics(recalls), "num_captions": float(len(texts))}
 
 
 def evaluate_benchmark(exported: ExportedModel, bench: BenchmarkSet, recall_at: list[int], batch_size: int,
@@ -335,17 +321,6 @@ def evaluate_benchmark(exported: ExportedModel, bench: BenchmarkSet, recall_at: 
     metrics["num_images"] = float(len(images))
     prefix = metric_prefix(bench.spec.name)
     return {prefix + key: value for key, value in metrics.items()}, tally
-
-
-def benchmark_names(metrics: dict[str, float]) -> list[str]:
-    """The benchmark sets that have metrics in `metrics`, in order of their names."""
-    return sorted({key.split("/")[1] for key in metrics if key.startswith(PREFIX + "/")})
-
-
-def set_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
-    """The metrics of set `name` without their `benchmark/<name>/` prefix."""
-    prefix = metric_prefix(name)
-    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
 
 
 def open_benchmarks(specs: list[BenchmarkSpec], default_templates: list[str], localise: Localise = local_paths

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -26,11 +26,12 @@ from lightclip_core.data.shards import (decode_caption, decode_image, decode_met
 from lightclip_core.data.skips import DataError, SampleError, SkipTally
 from lightclip_core.evaluate import plots
 from lightclip_core.evaluate.benchmarks import BenchmarkSet, evaluate_benchmark, metric_prefix, open_benchmarks
+from lightclip_core.evaluate.embedding import embed_images, embed_texts
 from lightclip_core.evaluate.report import (ATTRIBUTE, ORACLE, RETRIEVAL_DEFINITIONS, STRICT, TEXT_EQUIVALENT,
                                             WISE_FT, ReportInputs, wise_ft_curves, write_report)
-from lightclip_core.evaluate.retrieval import (attribute_consistent_retrieval, oracle_retrieval, retrieval_metrics,
-                                               text_equivalent_retrieval)
-from lightclip_core.evaluate.zeroshot import classification_metrics
+from lightclip_core.evaluate.retrieval import (attribute_consistent_retrieval, oracle_retrieval, recall_metrics,
+                                               retrieval_metrics, text_equivalent_retrieval)
+from lightclip_core.evaluate.zeroshot import ZERO_SHOT_KS, classification_metrics, headline_metrics
 from lightclip_core.export.load import ExportedModel, load_exported
 from lightclip_core.export.wise_ft import has_wise_ft, wise_ft_model
 from lightclip_core.infra.storage import write_json_atomic
@@ -42,7 +43,6 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
 BENCHMARKS_FILE = "benchmarks.json"  # what each benchmark set is (kind, format, path, classes, templates)
 PLOTS_DIR = "plots"
-ZERO_SHOT_KS = (1, 5)
 SIMILARITY_PAIRS = 8
 ORACLE_SEED = 0  # the attribute oracle's tie-break order: fixed, so that metrics.json is deterministic
 Recalls = dict[str, dict[int, float]]  # direction -> k -> recall
@@ -102,10 +102,7 @@ def _class_index(meta: dict[str, Any], key: str, task: str, spec: dict[str, Any]
 def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifest: dict[str, Any],
                    tasks: dict[str, Any], batch_size: int) -> TestEmbeddings:
     """Embed every test image (batched) and every caption; read each task's labels from the sample metadata."""
-    model, device = exported.model, next(exported.model.parameters()).device
     class_index = {task: {name: i for i, name in enumerate(spec["classes"])} for task, spec in tasks.items()}
-    image_chunks: list[torch.Tensor] = []
-    pending: list[torch.Tensor] = []
     captions: list[str] = []
     owners: list[int] = []
     labels: dict[str, list[int]] = {task: [] for task in tasks}
@@ -118,27 +115,23 @@ def embed_test_set(exported: ExportedModel, test_dir: str | os.PathLike, manifes
                          for task, spec in tasks.items()}
         return meta, decode_image(raw), _captions_of(raw, meta), sample_labels
 
-    samples = decoded(iter_raw_samples(shard_refs(test_dir, manifest), tally), decode, tally)
-    for n, (meta, image, sample_captions, sample_labels) in enumerate(samples):
-        metas.append(meta)
-        pending.append(exported.preprocess(image))
-        if len(pending) == batch_size:
-            image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
-            pending = []
-        captions += sample_captions
-        owners += [n] * len(sample_captions)
-        for task in tasks:
-            labels[task].append(sample_labels[task])
-    if pending:
-        image_chunks.append(model.encode_image(torch.stack(pending).to(device)).cpu())
-    if not image_chunks:
+    def images() -> Iterator[Any]:  # each test image, its metadata, captions and labels recorded on the way
+        samples = decoded(iter_raw_samples(shard_refs(test_dir, manifest), tally), decode, tally)
+        for n, (meta, image, sample_captions, sample_labels) in enumerate(samples):
+            metas.append(meta)
+            captions.extend(sample_captions)
+            owners.extend([n] * len(sample_captions))
+            for task in tasks:
+                labels[task].append(sample_labels[task])
+            yield image
+
+    image_emb = embed_images(exported, images(), batch_size)
+    if not len(image_emb):
         if tally.seen:
             raise DataError(f"test split {str(test_dir)!r}: no usable sample, {tally.total_skipped} of {tally.seen} "
                             f"skipped ({tally.describe()})")
         raise ValueError(f"test split {str(test_dir)!r} has no samples")
-    text_chunks = [model.encode_text(exported.tokenize(captions[i:i + batch_size]).to(device)).cpu()
-                   for i in range(0, len(captions), batch_size)]
-    return TestEmbeddings(images=torch.cat(image_chunks), captions=torch.cat(text_chunks),
+    return TestEmbeddings(images=image_emb, captions=embed_texts(exported, captions, batch_size),
                           caption_owner=torch.tensor(owners), caption_texts=captions,
                           labels={t: torch.tensor(v) for t, v in labels.items()}, image_meta=metas, skips=tally)
 
@@ -161,13 +154,8 @@ def zero_shot_results(cfg: Config, exported: ExportedModel, emb: TestEmbeddings,
 
 
 def zero_shot_metrics(results: dict[str, tuple[list[str], dict[str, Any]]]) -> dict[str, float]:
-    return {f"zeroshot/{task}/{name}": result[name] for task, (_, result) in results.items()
-            for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]}
-
-
-def recall_metrics(recalls: dict[str, Recalls]) -> dict[str, float]:
-    return {f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
-            for direction, per_k in result.items() for k, value in per_k.items()}
+    return {f"zeroshot/{task}/{name}": value for task, (_, result) in results.items()
+            for name, value in headline_metrics(result).items()}
 
 
 @torch.inference_mode()
@@ -252,17 +240,21 @@ def check_wise_ft(cfg: Config, export_dir: str | os.PathLike) -> None:
 
 
 def wise_ft_curve(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.PathLike, manifest: dict[str, Any],
-                  tasks: dict[str, Any], benchmarks: list[BenchmarkSet], device: str | torch.device
-                  ) -> dict[str, float]:
+                  tasks: dict[str, Any], benchmarks: list[BenchmarkSet], device: str | torch.device,
+                  exported_alpha: float, exported_metrics: dict[str, float]) -> dict[str, float]:
     """WiSE-FT: the test split's and every benchmark set's metrics of the weights (1 - a) * start + a * fine-tuned
-    at every a of `evaluate.wise_ft_alphas`, under `wise_ft/<a>/`."""
+    at every a of `evaluate.wise_ft_alphas`, under `wise_ft/<a>/`. At the exported alpha the model is the exported
+    one (wise_ft_model rebuilds it bit for bit), whose `exported_metrics` are reused."""
     out: dict[str, float] = {}
     for alpha in cfg.evaluate.wise_ft_alphas:
-        model = wise_ft_model(export_dir, alpha, device)
-        emb = embed_test_set(model, test_dir, manifest, tasks, cfg.evaluate.batch_size)
-        values = {**zero_shot_metrics(zero_shot_results(cfg, model, emb, tasks)),
-                  **recall_metrics(retrieval_recalls(emb, manifest, cfg.evaluate.recall_at)),
-                  **run_benchmarks(cfg, model, benchmarks)[0]}
+        if alpha == exported_alpha:
+            values = exported_metrics
+        else:
+            model = wise_ft_model(export_dir, alpha, device)
+            emb = embed_test_set(model, test_dir, manifest, tasks, cfg.evaluate.batch_size)
+            values = {**zero_shot_metrics(zero_shot_results(cfg, model, emb, tasks)),
+                      **recall_metrics(retrieval_recalls(emb, manifest, cfg.evaluate.recall_at)),
+                      **run_benchmarks(cfg, model, benchmarks)[0]}
         out.update({f"{WISE_FT}/{alpha:g}/{key}": value for key, value in values.items()})
     return out
 
@@ -313,7 +305,9 @@ def evaluate(cfg: Config, export_dir: str | os.PathLike, test_dir: str | os.Path
     bench_metrics, bench_skipped = run_benchmarks(cfg, exported, benchmarks)
     metrics.update(bench_metrics)
     if cfg.evaluate.wise_ft_alphas:
-        metrics.update(wise_ft_curve(cfg, export_dir, test_dir, manifest, tasks, benchmarks, device))
+        exported_metrics = {key: value for key, value in metrics.items() if key != "num_test_samples"}
+        metrics.update(wise_ft_curve(cfg, export_dir, test_dir, manifest, tasks, benchmarks, device,
+                                     exported.config["wise_ft"]["alpha"], exported_metrics))
         plot_paths["wise_ft"] = plots.plot_wise_ft(wise_ft_curves(metrics), files["wise_ft"])
     described = {bench.spec.name: bench.describe() for bench in benchmarks}
     training: dict[str, float] = {}

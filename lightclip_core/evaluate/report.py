@@ -24,6 +24,7 @@ RETRIEVAL_DEFINITIONS = {STRICT: "strict", TEXT_EQUIVALENT: "text-equivalent", A
                          ORACLE: "attribute oracle (strict)"}  # prefix -> its name in the report, in report order
 HEADLINE_RETRIEVAL = f"{STRICT}/image_to_text/R@1"
 WISE_FT = "wise_ft"  # metric prefix of the WiSE-FT curve: wise_ft/<alpha>/<metric>
+BENCHMARK = "benchmark"  # metric prefix of the benchmark sets: benchmark/<name>/<metric>
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}")
@@ -151,7 +152,7 @@ def retrieval_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str]
 
 
 def _set_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
-    prefix = f"benchmark/{name}/"
+    prefix = f"{BENCHMARK}/{name}/"
     return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
 
 
@@ -190,7 +191,7 @@ def benchmark_headline(metrics: dict[str, float], sets: dict[str, Any]) -> list[
 def wise_ft_curves(metrics: dict[str, float]) -> dict[str, dict[float, float]]:
     """Headline metric -> alpha -> value, from the `wise_ft/<a>/...` metrics: every zero-shot top-1, the strict
     image-to-text R@1, and every benchmark set's top-1 or strict image-to-text R@1."""
-    headline = re.compile(rf"^{WISE_FT}/([^/]+)/((?:benchmark/[^/]+/)?(?:zeroshot/[^/]+/top1|top1|"
+    headline = re.compile(rf"^{WISE_FT}/([^/]+)/((?:{BENCHMARK}/[^/]+/)?(?:zeroshot/[^/]+/top1|top1|"
                           rf"{STRICT}/image_to_text/R@1))$")
     curves: dict[str, dict[float, float]] = {}
     for key, value in metrics.items():

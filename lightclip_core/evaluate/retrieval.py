@@ -171,3 +171,9 @@ def oracle_retrieval(text_to_image: Any, image_attributes: Any, text_attributes:
     ranking = _ranking(lambda rows: image_to_text[rows], lambda rows: text_to_image_scores[rows],
                        len(image_to_text), len(text_to_image_scores), text_to_image, max(ks))
     return _strict_recalls(ranking, ks)
+
+
+def recall_metrics(recalls: dict[str, dict[str, dict[int, float]]]) -> dict[str, float]:
+    """Recalls by definition (metric prefix -> direction -> k -> recall) as flat metrics `<prefix>/<direction>/R@<k>`."""
+    return {f"{prefix}/{direction}/R@{k}": value for prefix, result in recalls.items()
+            for direction, per_k in result.items() for k, value in per_k.items()}

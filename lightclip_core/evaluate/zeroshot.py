@@ -7,6 +7,9 @@ import numpy as np
 import torch
 
 
+ZERO_SHOT_KS = (1, 5)  # the top-k every evaluation reports
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -33,3 +36,9 @@ def classification_metrics(logits: Any, labels: Any, num_classes: int, ks: Seque
     metrics["support"] = support.tolist()
     metrics["confusion"] = confusion
     return metrics
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a :func:`classification_metrics` result that become metrics: top-k at ZERO_SHOT_KS and the
+    mean per-class recall."""
+    return {name: float(result[name]) for name in [f"top{k}" for k in ZERO_SHOT_KS] + ["mean_per_class_recall"]}
