@@ -1,8 +1,11 @@
 """Fine-tuning from pretrained weights versus training from scratch at equal steps, and the WiSE-FT curve (#19).
 
 No public weights can be downloaded on this machine, so the "pretrained" model is one this script trains first, with
-the product's own stages, on a disjoint synthetic domain, and fine-tuning starts from its `final.pt` through
-`model.init_from` (the same key takes a registered model or, with an open_clip student, a pretrained tag):
+the product's own stages, on a disjoint synthetic domain. The student is an open_clip architecture (`model.open_clip`:
+open_clip's CLIP with a timm MobileNetV2 tower and a 4-layer text transformer, the embedded student's sizes), and the
+pretraining run's export is an open_clip local-dir (open_clip_config.json + open_clip_model.safetensors), which
+fine-tuning starts from as `model.open_clip: {model: local-dir:<export>}`; online, `{model: MobileCLIP2-S0,
+pretrained: dfndr2b}` takes its place unchanged:
 
 - domain A (pretraining): the embedded generator's images whose colour is red, green, blue or yellow and whose shape
   is a circle, square or triangle;
@@ -14,7 +17,10 @@ weights, with the same parameters and data order (plain CLIP, params.yaml's opti
 evaluated on B's test split, with A's test split as a benchmark set in CLIP_benchmark's WebDataset layout (what
 fine-tuning keeps of the pretraining domain, WiSE-FT's "robustness" side) and `evaluate.wise_ft_alphas`.
 
-    python benchmarks/finetune.py [--pretrain-steps 450] [--steps 150] [--seeds 0 1 2]
+    python benchmarks/finetune.py [--pretrain-steps 450] [--steps 150] [--seeds 0 1 2] [--student open_clip]
+
+`--student lightclip` runs the same protocol with this project's own student, started from A's `final.pt` through
+`model.init_from`.
 
 Writes benchmarks/results/finetune.json and the section "Fine-tuning from pretrained weights" of docs/BENCHMARKS.md.
 """
@@ -47,6 +53,32 @@ RUN = [*CLIP_ONLY, "tracking.enabled=false", "export.onnx=false"]  # CLIP's loss
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1", "i2t_R@1": "retrieval/image_to_text/R@1",
            "A_colour_shape": "benchmark/domain_A/top1"}
+
+
+# open_clip's CLIP at the embedded student's sizes: timm's MobileNetV2 pooled and projected, a causal text transformer
+OPEN_CLIP_STUDENT = {"embed_dim": 256, "custom_text": True,
+                     "vision_cfg": {"timm_model_name": "mobilenetv2_100", "timm_model_pretrained": False,
+                                    "timm_pool": "avg", "timm_proj": "linear", "image_size": 64},
+                     "text_cfg": {"context_length": 32, "width": 256, "heads": 4, "layers": 4}}
+
+
+def open_clip_architecture(out: Path) -> Path:
+    """A config-only open_clip local-dir of OPEN_CLIP_STUDENT, with params.yaml's preprocessing: a random start."""
+    image = load_config(ROOT / "params.yaml").model.image
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": OPEN_CLIP_STUDENT, "preprocess_cfg": {"mean": list(image.mean), "std": list(image.std),
+                                                           "interpolation": image.interpolation}}))
+    return out
+
+
+def students(student: str, work: Path, pretrained: Path) -> dict[str, list[str]]:
+    """The overrides of the pretraining run, the from-scratch arm and the fine-tuned arm."""
+    if student == "lightclip":
+        return {"pretrain": [], "scratch": [], "fine-tuned": [f"model.init_from={pretrained / 'train' / 'final.pt'}"]}
+    random = "model.open_clip={model: 'local-dir:" + str(open_clip_architecture(work / "open_clip_arch")) + "'}"
+    return {"pretrain": [random], "scratch": [random],
+            "fine-tuned": ["model.open_clip={model: 'local-dir:" + str(pretrained / "export") + "'}"]}
 
 
 def domain_tasks(domain: str) -> dict:
@@ -121,8 +153,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-size", type=int, default=8000, help="training samples per domain")
     parser.add_argument("--test-size", type=int, default=250)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/lightclip-finetune"))
+    parser.add_argument("--student", choices=["open_clip", "lightclip"], default="open_clip")
+    parser.add_argument("--work", type=Path, default=None, help="default: /tmp/lightclip-finetune-<student>")
     args = parser.parse_args()
+    args.work = args.work or Path(f"/tmp/lightclip-finetune-{args.student}")
     size = load_config(ROOT / "params.yaml").data.synthetic.image_size
     data = {d: args.work / f"domain_{d}" for d in DOMAINS}
     for d in DOMAINS:
@@ -131,14 +165,15 @@ def main() -> None:
     bench = write_clip_benchmark_set(args.work / "clip_benchmark_A", "A", args.test_size, size)
     a_set = ("evaluate.benchmarks=[{name: domain_A, format: wds, path: " + str(bench) + "}]")
     pretrained = args.work / "pretrain"
-    run([f"train.max_steps={args.pretrain_steps}", "train.seed=0"], data["A"] / "train", data["A"] / "test",
-        pretrained)
-    start = pretrained / "train" / "final.pt"
+    arms = students(args.student, args.work, pretrained)
+    run([*arms["pretrain"], f"train.max_steps={args.pretrain_steps}", "train.seed=0"], data["A"] / "train",
+        data["A"] / "test", pretrained)
     runs: dict[str, list[dict[str, float]]] = {"scratch": [], "fine-tuned": []}
     for seed in args.seeds:
         common = [f"train.max_steps={args.steps}", f"train.seed={seed}", a_set]
-        runs["scratch"].append(run(common, data["B"] / "train", data["B"] / "test", args.work / f"scratch-{seed}"))
-        runs["fine-tuned"].append(run([*common, f"model.init_from={start}", f"evaluate.wise_ft_alphas={ALPHAS}"],
+        runs["scratch"].append(run([*common, *arms["scratch"]], data["B"] / "train", data["B"] / "test",
+                                   args.work / f"scratch-{seed}"))
+        runs["fine-tuned"].append(run([*common, *arms["fine-tuned"], f"evaluate.wise_ft_alphas={ALPHAS}"],
                                       data["B"] / "train", data["B"] / "test", args.work / f"finetune-{seed}"))
         print(f"seed {seed}: " + json.dumps({arm: {k: rows[-1][v] for k, v in METRICS.items()}
                                              for arm, rows in runs.items()}), flush=True)
@@ -146,12 +181,21 @@ def main() -> None:
     curve = {f"{a:g}": {k: summary(runs["fine-tuned"], f"wise_ft/{a:g}/{v}") for k, v in METRICS.items()}
              for a in ALPHAS}
     command = (f"python benchmarks/finetune.py --pretrain-steps {args.pretrain_steps} --steps {args.steps} "
-               f"--seeds {' '.join(map(str, args.seeds))}")
-    result = {"name": "finetune", "machine": machine(), "command": command, "table": table, "wise_ft": curve,
-              "runs": runs, "pretrained_on_A": {k: v for k, v in run([], data["A"] / "train", data["A"] / "test",
-                                                                     pretrained).items() if k in METRICS.values()}}
+               f"--seeds {' '.join(map(str, args.seeds))} --student {args.student}")
+    on_a = run(arms["pretrain"], data["A"] / "train", data["A"] / "test", pretrained)  # cached: the pretraining run
+    result = {"name": "finetune", "machine": machine(), "command": command, "student": args.student, "table": table,
+              "wise_ft": curve, "runs": runs,
+              "pretrained_on_A": {k: v for k, v in on_a.items() if k in METRICS.values()}}
     (ROOT / "benchmarks" / "results" / "finetune.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     write_section(table, curve, args, command)
+
+
+STUDENTS = {"open_clip": "an open_clip student (open_clip's CLIP with a timm MobileNetV2 tower and a 4-layer text "
+                         "transformer, the embedded student's sizes; `model.open_clip`)",
+            "lightclip": "this project's default student"}
+SAVED = {"open_clip": "an open_clip local-dir (its export: open_clip_config.json + open_clip_model.safetensors)",
+         "lightclip": "a training checkpoint"}
+START = {"open_clip": "`model.open_clip: {model: local-dir:<A's export>}`", "lightclip": "`model.init_from`"}
 
 
 def write_section(table, curve, args, command: str) -> None:
@@ -161,16 +205,16 @@ def write_section(table, curve, args, command: str) -> None:
     wise = "".join(f"| alpha {a} | " + " | ".join(cell(v[k]) for k in METRICS) + " |\n" for a, v in curve.items())
     section = (
         "## Fine-tuning from pretrained weights, and WiSE-FT (benchmarks/finetune.py)\n\n"
-        f"`{command}` on {machine()}. No public weights can be downloaded here: the \"pretrained\" model is this "
-        f"project's default student trained {args.pretrain_steps} steps on a disjoint synthetic domain A (red, green, "
-        "blue, yellow circles, squares, triangles) and saved as a training checkpoint; the target domain B is "
+        f"`{command}` on {machine()}. No public weights can be downloaded here: the \"pretrained\" model is "
+        f"{STUDENTS[args.student]} trained {args.pretrain_steps} steps on a disjoint synthetic domain A (red, green, "
+        f"blue, yellow circles, squares, triangles) and saved as {SAVED[args.student]}; the target domain B is "
         "purple, orange, white, black stars, crosses, diamonds (the same renderer and caption grammar; no colour or "
         f"shape word of B occurs in A). Both arms train {args.steps} steps on B with the same parameters and data "
         "order per seed (plain CLIP, params.yaml's optimiser and schedule), the fine-tuned one from A's weights "
-        "(`model.init_from`). Zero-shot top-1 and strict R@1 (%) on B's test split, and `A_colour_shape` on A's test "
-        "split read as a CLIP_benchmark WebDataset set (`evaluate.benchmarks`): mean ± sd over "
-        f"{len(args.seeds)} seeds. With a real open_clip tag the same keys run unchanged once the machine is online "
-        "and the student can be an open_clip model (not built yet, #19 item 2).\n\n" + header + rows +
+        f"({START[args.student]}). Zero-shot top-1 and strict R@1 (%) on B's test split, and `A_colour_shape` on A's "
+        "test split read as a CLIP_benchmark WebDataset set (`evaluate.benchmarks`): mean ± sd over "
+        f"{len(args.seeds)} seeds. Online, a real open_clip model and tag (`model.open_clip: {{model: MobileCLIP2-S0, "
+        "pretrained: dfndr2b}`) take the place of A's export with the same keys.\n\n" + header + rows +
         "\nWiSE-FT over the fine-tuned runs (`evaluate.wise_ft_alphas`; alpha 0 is A's model, 1 the fine-tuned "
         "one):\n\n" + header + wise)
     replace_section(section)

@@ -21,5 +21,5 @@ TINY = {
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
     return out

@@ -98,6 +98,9 @@ def init_from(make: Callable[[Workspace], str]) -> Callable[[Workspace], list[st
 OTHER_MODEL = {"model": {}, "model_config": {"embed_dim": 64}}  # params.yaml's model has embed_dim 256
 EXPORT_OF_OTHER_MODEL = json.dumps({"format_version": 2, "tokenizer": {"name": TOKENIZER_NAME},
                                     "model_config": {"embed_dim": 64}})
+TINY_OPEN_CLIP = json.dumps({"model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                                                          "patch_size": 16, "head_width": 32},
+                                           "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}}})
 DEFAULTS_WITH_TRAIN = "model:\n  embed_dim: 64\ntrain:\n  lr: 0.1\n"
 TRAINJOB = ["--nodes", "1", "--gpus-per-node", "0", "--image", "registry/lightclip:0.1", "--data", "/workspace/data",
             "--out", "/workspace/out", "--dry-run"]
@@ -216,6 +219,23 @@ BAD_INPUTS = [
     case("init-from-malformed-registry-uri", train(*NO_DISTILL, "model.init_from=models:/lightclip"),
          "model.init_from='models:/lightclip'", "models:/<name>@<alias> or models:/<name>/<version>"),
     case("init-from-empty", train(*NO_DISTILL, "model.init_from=''"), "model.init_from=''", "at least 1 character"),
+    # an open_clip student (model.open_clip)
+    case("open-clip-unknown-model", train(*NO_DISTILL, "model.open_clip={model: NoSuchNet}"),
+         "model.open_clip.model='NoSuchNet'", "unknown open_clip model"),
+    case("open-clip-local-dir-without-config", lambda w: train(
+        *NO_DISTILL, f"model.open_clip={{model: 'local-dir:{w.dir('empty')}'}}")(w),
+         "open_clip_config.json does not exist"),
+    case("open-clip-contradicted-field",
+         train(*NO_DISTILL, "model.open_clip={model: ViT-B-32}", "model.text.width=256"),
+         "model.text.width=256", "the open_clip student's is 512", "leave it null"),
+    case("open-clip-and-preset", train(*NO_DISTILL, "model.open_clip={model: ViT-B-32}", "model.preset=mobileclip-s0"),
+         "model.preset and model.open_clip both name the student"),
+    case("open-clip-unknown-tag", train(*NO_DISTILL, "model.open_clip={model: ViT-B-32, pretrained: no-such-tag}"),
+         "model.open_clip.pretrained='no-such-tag'", "neither a checkpoint file nor a pretrained tag of ViT-B-32"),
+    case("open-clip-weights-not-weights", lambda w: train(
+        *NO_DISTILL, f"model.open_clip={{model: 'local-dir:{w.dir('arch', open_clip_config__json=TINY_OPEN_CLIP)}', "
+                     f"pretrained: '{w.file('w.safetensors', 'x')}'}}")(w),
+         "model.open_clip.pretrained=", "w.safetensors'", "cannot load it"),
     # prepare
     case("prepare-out-foreign", lambda w: ["prepare", "--params", PARAMS, "--out", w.dir("mine", notes__txt="x")],
          "--out=", "mine'", "['notes.txt']", "which prepare does not write"),

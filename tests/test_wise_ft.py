@@ -7,7 +7,6 @@ against a brute-force formula and against models whose weights the test averages
 `init_from`) draws no extra random numbers and writes no start weights."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import uuid
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from helpers_reparam import randomize_statistics
+from helpers_start import capture_at_optimizer, student_at_step_0
 from helpers_tiny import TINY, merge
 from torch import nn
 
@@ -29,8 +29,6 @@ from lightclip_core.export.wise_ft import has_wise_ft, interpolate_state, read_e
 from lightclip_core.infra import storage
 from lightclip_core.losses.objective import build_objectives
 from lightclip_core.models.clip import CLIP
-from lightclip_core.stages.model import run_train
-from lightclip_core.train import trainer as trainer_module
 from lightclip_core.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lightclip_core.train.start import load_start
 from lightclip_core.train.trainer import seed_everything, train
@@ -83,35 +81,6 @@ def base(tmp_path_factory) -> dict[str, Path]:
     params.write_text(yaml.safe_dump(PARAMS))
     return {"root": root, "data": root / "data" / "train", "run": root / "base", "final": result.final_checkpoint,
             "export": root / "export", "params": params}
-
-
-class Stop(BaseException):
-    """Ends a training run where the test has seen what it needed."""
-
-
-def capture_at_optimizer(mp: pytest.MonkeyPatch, stop: bool = True) -> list[dict]:
-    """What the trainer holds when it builds the optimizer (after the model, its start weights and the objectives;
-    before any update): a copy of the model and the global RNG state."""
-    seen: list[dict] = []
-    real = trainer_module.build_optimizer
-
-    def capture(model, cfg, objectives=None):
-        seen.append({"model": copy.deepcopy(model).eval(), "rng": torch.get_rng_state()})
-        if stop:
-            raise Stop
-        return real(model, cfg, objectives)
-
-    mp.setattr(trainer_module, "build_optimizer", capture)
-    return seen
-
-
-def student_at_step_0(cfg: Config, data: Path, out: Path) -> dict:
-    """The student of `lightclip train` (the stage, which resolves `model.init_from`) before its first update."""
-    with pytest.MonkeyPatch.context() as mp:
-        seen = capture_at_optimizer(mp)
-        with pytest.raises(Stop):
-            run_train(cfg=cfg, data=data, out=out)
-    return seen[0]
 
 
 # ------------------------------------------------------------------------------------------ starting from weights

@@ -37,7 +37,8 @@ from lightclip_core.export.prune import drop_modules, unreachable_modules
 from lightclip_core.export.reparam import parameter_count, reparameterize
 from lightclip_core.export.wise_ft import WISE_FT_KEY, interpolate_state, write_endpoints
 from lightclip_core.infra.storage import atomic_path, sha256_file, write_json_atomic
-from lightclip_core.models.clip import CLIP
+from lightclip_core.models.clip import CLIP, build_model
+from lightclip_core.models.open_clip_student import write_open_clip_dir
 from lightclip_core.models.tokenizer import tokenize, tokenizer_spec, vocab_file
 from lightclip_core.train.checkpoint import load_checkpoint
 from lightclip_core.train.start import START_KEY
@@ -110,7 +111,7 @@ def model_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[CLIP, dict[str
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"checkpoint {str(checkpoint)!r}: model_config.{where}: {first['msg']}") from None
-    model = CLIP(model_cfg)
+    model = build_model(model_cfg)
     model.load_state_dict(ckpt["model"], strict=True)
     return model.eval(), ckpt
 
@@ -312,6 +313,7 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
         log.warning("model config in %s differs from params.yaml's `model`; exporting the checkpoint's", checkpoint)
     if start is not None:  # WiSE-FT: every check below is on the interpolated model
         model.load_state_dict(interpolate_state(start, ckpt["model"], cfg.export.wise_ft_alpha), strict=True)
+    unfolded = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     inputs = parity_inputs(model, cfg.export.parity_batch)
     trained = reference_outputs(pytorch_runners(model), inputs)
     param_count_unfused = parameter_count(model)
@@ -331,11 +333,14 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
     files["parity"] = out_dir / PARITY_FILE
     write_json_atomic(files["parity"], {"tolerance": cfg.export.parity_tolerance, "max_abs_diff": parity})
     check_parity(parity, cfg.export.parity_tolerance)
+    open_clip_files = write_open_clip_dir(model.cfg, unfolded, out_dir)  # an open_clip student, as open_clip loads it
+    files.update(open_clip_files)
 
     metadata = export_metadata(model, ckpt.get("step"), param_count_unfused, dropped)
     if ckpt.get("lineage"):
         metadata["lineage"] = ckpt["lineage"]  # the training data and parameters, for every report on this model
     metadata["files"].update({f"{name}_program": fname for name, fname in PROGRAM_FILES.items()})
+    metadata["files"].update({name: path.name for name, path in open_clip_files.items()})
     if start is not None:
         metadata["files"]["wise_ft_endpoints"] = WISE_FT_FILE
         metadata[WISE_FT_KEY] = {"alpha": cfg.export.wise_ft_alpha, "endpoints": WISE_FT_FILE,

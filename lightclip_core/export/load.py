@@ -28,7 +28,7 @@ from lightclip_core.export.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FI
 from lightclip_core.export.prune import drop_modules
 from lightclip_core.export.reparam import reparameterize
 from lightclip_core.infra.storage import read_versioned_json, sha256_file
-from lightclip_core.models.clip import CLIP, zero_shot_weights
+from lightclip_core.models.clip import CLIP, build_model, zero_shot_weights
 from lightclip_core.models.tokenizer import TOKENIZER_NAME, tokenizer_from_file
 
 
@@ -116,7 +116,7 @@ def build_tokenizer(export_dir: str | os.PathLike, config: dict[str, Any]) -> Si
 
 def training_model(config: dict[str, Any]) -> CLIP:
     """The training-time (unfolded) architecture of `config.json`, randomly initialised, in eval mode."""
-    return CLIP(ModelConfig.model_validate(config["model_config"])).eval()
+    return build_model(ModelConfig.model_validate(config["model_config"])).eval()
 
 
 def fold_as_exported(model: CLIP, config: dict[str, Any]) -> CLIP:

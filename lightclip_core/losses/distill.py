@@ -141,7 +141,8 @@ class DistillationObjective(Objective):
             batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb")
         if self.caption_batches in ("both", "synthetic"):
             syn_tokens, teacher_syn = self._extra(ctx, "syn_tokens"), self._extra(ctx, "teacher_syn_text_emb")
-            syn = ctx.model.encode_text(trim_padding(syn_tokens).to(image.device), normalize=True)
+            syn_tokens = trim_padding(syn_tokens) if ctx.model.ignores_padding() else syn_tokens
+            syn = ctx.model.encode_text(syn_tokens.to(image.device), normalize=True)
             batches["syn"] = syn, teacher_syn
         # this rank's rows against the global batch: the same gathered image features for both caption batches
         columns = {"all_image_features": gather_with_grad(image), "all_teacher_image": gather_no_grad(teacher_image),

@@ -60,6 +60,10 @@ class CLIP(nn.Module):
             out["logit_bias"] = self.logit_bias
         return out
 
+    def ignores_padding(self) -> bool:
+        """Padding after end-of-text never reaches the embedding (see TextTower), so batches may be trimmed."""
+        return True
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass instead of keeping them (timm's contract): the image trunk
         through timm's own switch, the text transformer through open_clip's `grad_checkpointing` flag, which
@@ -73,7 +77,13 @@ class CLIP(nn.Module):
                 if p.ndim < 2 or "embedding" in n or n in ("logit_scale", "logit_bias")}
 
 
-def build_model(cfg: ModelConfig) -> CLIP:
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The student `cfg` describes, randomly initialised: this project's CLIP, or an open_clip architecture
+    (`model.open_clip`, lightclip_core/models/open_clip_student.py) with the same interface."""
+    if cfg.open_clip is not None:
+        from lightclip_core.models.open_clip_student import OpenClipStudent
+
+        return OpenClipStudent(cfg)
     return CLIP(cfg)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lightclip_core.infra.schema import Section, drop_nulls, merge
+from lightclip_core.models.open_clip_arch import TOWER, fill_section, local_dir_weights
 from lightclip_core.models.registry import is_preset, list_presets, preset_values
 
 
@@ -37,7 +38,8 @@ class TextConfig(Section):
 
 
 class ImageConfig(Section):
-    tower: str = Field("mobilenetv2_100", description="any timm model name")
+    tower: str = Field("mobilenetv2_100", description=f"any timm model name ({TOWER!r}: an open_clip student's own, "
+                                                      f"filled in from model.open_clip)")
     size: int = Field(64, ge=16, le=1024)
     output_stride: Literal[8, 16, 32] | None = Field(
         None, description="the tower's total stride (timm's output_stride: the last stages dilated instead of "
@@ -51,7 +53,7 @@ class ImageConfig(Section):
     def _known_tower(cls, name: str) -> str:
         import timm
 
-        if not timm.is_model(name):
+        if name != TOWER and not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
         return name
 
@@ -61,6 +63,25 @@ class ImageConfig(Section):
         if min(std) <= 0:
             raise ValueError(f"std must be > 0, got {std}")
         return std
+
+
+class OpenClipConfig(Section):
+    """An open_clip architecture as the student (lightclip_core/models/open_clip_arch.py), the keys of a
+    `teacher.ensemble` entry."""
+
+    model: str | None = Field(None, min_length=1, description="an open_clip model name (MobileCLIP2-S0, ViT-B-32), "
+                                                              "local-dir:PATH or hf-hub:ID (online)")
+    pretrained: str | None = Field(None, min_length=1,
+                                   description="its start weights: a pretrained tag, a checkpoint file or s3:// URI; "
+                                               "null: a local-dir's own weights, else a random initialisation")
+    model_cfg: dict[str, Any] | None = Field(None, description="filled in: open_clip's architecture of `model`, as "
+                                                               "checkpoints and exports record it")
+
+    @model_validator(mode="after")
+    def _names_an_architecture(self) -> OpenClipConfig:
+        if self.model is None and self.model_cfg is None:
+            raise ValueError("model.open_clip needs `model`: an open_clip model name, local-dir:PATH or hf-hub:ID")
+        return self
 
 
 class ModelConfig(Section):
@@ -74,6 +95,9 @@ class ModelConfig(Section):
                                                             "null: the model has none")
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
+    open_clip: OpenClipConfig | None = Field(
+        None, description="{model, pretrained}: an open_clip architecture as the student, from its pretrained weights; "
+                          "its fields fill the nulls of this section; null: this project's towers")
     init_from: str | None = Field(
         None, min_length=1,
         description="start training from these weights instead of a random initialisation (step 0 only; a resumed "
@@ -82,10 +106,25 @@ class ModelConfig(Section):
                     "model `models:/<name>@<alias>` | `models:/<name>/<version>`; null: random")
 
     def architecture(self) -> dict[str, Any]:
-        """The fields that decide the network, as JSON (all but `init_from`, which says where its first weights come
-        from): what checkpoints and exports record as `model_config`, and what two configurations must share for
+        """The fields that decide the network, as JSON (all but `init_from` and the open_clip student's `model` and
+        `pretrained`, which say where its architecture and first weights come from; its `model_cfg` is the
+        architecture): what checkpoints and exports record as `model_config`, and what two configurations must share for
         one's weights to load into the other."""
-        return self.model_dump(mode="json", exclude={"init_from"})
+        if self.open_clip is None:  # this project's student: the record it always had
+            return self.model_dump(mode="json", exclude={"init_from", "open_clip"})
+        return self.model_dump(mode="json", exclude={"init_from": True, "open_clip": {"model", "pretrained"}})
+
+    def start_source(self) -> str | None:
+        """Where the step-0 weights come from: `init_from`, the open_clip student's pretrained weights (a tag, a
+        checkpoint, a local-dir's own file); None: a random initialisation."""
+        if self.init_from is not None:
+            return self.init_from
+        spec = self.open_clip
+        if spec is None or spec.model is None:
+            return None
+        if spec.pretrained is not None:
+            return f"open_clip:{spec.model} pretrained={spec.pretrained}"
+        return spec.model if local_dir_weights(spec.model) is not None else None
 
     @model_validator(mode="before")
     @classmethod
@@ -96,7 +135,25 @@ class ModelConfig(Section):
             return data
         explicit = drop_nulls(data)
         name = explicit.get("preset")
+        recorded = data.get("open_clip")
+        if isinstance(recorded, dict) and isinstance(recorded.get("model_cfg"), dict):
+            explicit["open_clip"]["model_cfg"] = recorded["model_cfg"]  # open_clip's own nulls mean something there
+        if explicit.get("open_clip") is not None:
+            if name is not None:
+                raise ValueError("model.preset and model.open_clip both name the student; set one of them")
+            return fill_section(explicit)
         return merge(preset_values(name), explicit) if isinstance(name, str) and is_preset(name) else explicit
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.image.tower == TOWER and self.open_clip is None:
+            raise ValueError(f"model.image.tower={TOWER!r} stands for an open_clip student's tower; set "
+                             f"model.open_clip, or name a timm model")
+        if self.init_from is not None and self.open_clip is not None and (
+                self.open_clip.pretrained is not None or local_dir_weights(self.open_clip.model or "") is not None):
+            raise ValueError("model.init_from and model.open_clip's pretrained weights both name the start weights; "
+                             "set one of them")
+        return self
 
     @field_validator("init_from")
     @classmethod

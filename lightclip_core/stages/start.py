@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from safetensors import SafetensorError
 
 from lightclip_core.config import Config, ModelConfig, flatten
 from lightclip_core.export.format import CONFIG_FILE, EXPORT_ARTIFACT, WEIGHTS_FILE
@@ -40,10 +42,11 @@ def bad_start(value: str, why: str, allowed: str = ALLOWED) -> InputError:
 
 
 def start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
-    """The state dict `model.init_from` names, checked against `cfg.model`; None without `model.init_from`."""
+    """The state dict `model.init_from` (or the open_clip student's pretrained weights) names, checked against
+    `cfg.model`; None for a random start."""
     value = cfg.model.init_from
     if value is None:
-        return None
+        return open_clip_weights(cfg) if cfg.model.start_source() is not None else None
     found = registered_export(cfg, value) if registered_model(value) else localised_start(value)
     if found.is_file():
         return checkpoint_weights(cfg, value, found)
@@ -53,6 +56,30 @@ def start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         return export_weights(cfg, value, found)
     raise bad_start(value, f"neither a training checkpoint nor an export directory (no {FINAL}, no {CONFIG_FILE} + "
                            f"{WEIGHTS_FILE})")
+
+
+def open_clip_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    """The open_clip student's pretrained weights (a tag, a checkpoint file or `s3://` URI, a local-dir's own file),
+    loaded by open_clip's own loader into the student, as its state dict."""
+    from lightclip_core.models import build_model
+    from lightclip_core.models.open_clip_student import load_open_clip_weights, pretrained_file
+
+    spec = cfg.model.open_clip
+    field = "model.open_clip." + ("pretrained" if spec.pretrained is not None else "model")
+    value = spec.pretrained if spec.pretrained is not None else spec.model
+    try:
+        pretrained = spec.pretrained
+        if pretrained is not None and storage.is_s3(pretrained):
+            pretrained = str(storage.fetch_to_local(pretrained, storage.default_cache_dir()))
+        weights = pretrained_file(spec.model, pretrained)
+        student = build_model(cfg.model)
+        load_open_clip_weights(student, weights)
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, pickle.UnpicklingError) as err:
+        # what open_clip's loaders raise for a file that is not weights of this architecture
+        raise InputError(f"{field}={value!r}: cannot load it into {spec.model} ({first_line(err)}); allowed: a "
+                         f"pretrained tag of the model, a checkpoint file or s3:// URI of its architecture, or a "
+                         f"local-dir holding its weights") from None
+    return student.state_dict()
 
 
 def localised_start(value: str) -> Path:

@@ -31,11 +31,13 @@ def first_difference(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
 
 def load_start(model: nn.Module, start: Mapping[str, torch.Tensor] | None, init_from: str | None
                ) -> dict[str, torch.Tensor] | None:
-    """Load `start` into `model` (strictly: the names and shapes of `model.init_from`'s weights must be the model's)
-    and return a CPU copy of the model's state dict at step 0; None, touching nothing, without start weights."""
+    """Load `start` into `model` (strictly: the names and shapes of the start weights must be the model's) and return a
+    CPU copy of the model's state dict at step 0; None, touching nothing, without start weights. `init_from` says
+    where they come from (`ModelConfig.start_source()`: `model.init_from` or the open_clip student's pretrained)."""
     if (start is None) != (init_from is None):
-        raise ValueError(f"model.init_from={init_from!r} needs its weights (resolved by the train stage) and start "
-                         f"weights need model.init_from; got {'none' if start is None else 'weights'}")
+        raise ValueError(f"start weights {init_from!r} need their state dict (resolved by the train stage) and a state "
+                         f"dict needs a source (model.init_from or model.open_clip.pretrained); got "
+                         f"{'none' if start is None else 'weights'}")
     if start is None:
         return None
     problem = first_difference(model.state_dict(), start)

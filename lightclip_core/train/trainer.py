@@ -135,7 +135,8 @@ def training_lineage(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     objectives = cfg.objectives.model_dump(mode="json")
     lineage = {"data": describe_dataset(manifest), "train": cfg.train.model_dump(mode="json"),
                "objectives": sorted(name for name, section in objectives.items() if section["enabled"])}
-    return {**lineage, "init_from": cfg.model.init_from} if cfg.model.init_from is not None else lineage
+    source = cfg.model.start_source()
+    return {**lineage, "init_from": source} if source is not None else lineage
 
 
 def train_fingerprint(cfg: Config, manifest: dict[str, Any], world_size: int,
@@ -148,7 +149,7 @@ def train_fingerprint(cfg: Config, manifest: dict[str, Any], world_size: int,
                "shards": [[s["url"], s["num_samples"], s.get("sha256")] for s in manifest["shards"]],
                "world_size": world_size}
     if start is not None:
-        payload["init_from"] = {"uri": cfg.model.init_from, "sha256": state_digest(start)}
+        payload["init_from"] = {"uri": cfg.model.start_source(), "sha256": state_digest(start)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -263,7 +264,8 @@ class _Trainer:
                               f"ranks; each rank reads whole shards, so the split needs at least one per rank")
         _, total_steps = plan_steps(cfg, manifest["num_samples"])
         model = build_model(cfg.model).to(device)
-        start_model = load_start(model, self.start, cfg.model.init_from)  # before the objectives copy the model
+        start_model = load_start(model, self.start, cfg.model.start_source())  # before the objectives copy the model
+        trim = model.ignores_padding()  # padding columns no caption uses are dropped where that is exact
         saved_start = {START_KEY: start_model} if start_model is not None else {}
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         model.visual.to(memory_format=memory_format)
@@ -328,7 +330,8 @@ class _Trainer:
                     sums: dict[str, float] = {}
                     for i, batch in enumerate(micro):
                         images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                        tokens = trim_padding(batch["tokens"]).to(device, non_blocking=True)
+                        tokens = batch["tokens"]
+                        tokens = (trim_padding(tokens) if trim else tokens).to(device, non_blocking=True)
                         extras = {k: batch[k].to(device, non_blocking=True) for k in EXTRA_KEYS if k in batch}
                         last = i == len(micro) - 1
                         # DDP averages gradients once per optimizer step, at the last micro-step's backward
