@@ -216,7 +216,7 @@ def write_section(table, curve, args, command: str) -> None:
         f"{len(args.seeds)} seeds. Online, a real open_clip model and tag (`model.open_clip: {{model: MobileCLIP2-S0, "
         "pretrained: dfndr2b}`) take the place of A's export with the same keys.\n\n" + header + rows +
         "\nWiSE-FT over the fine-tuned runs (`evaluate.wise_ft_alphas`; alpha 0 is A's model, 1 the fine-tuned "
-        "one):\n\n" + header + wise)
+        "one):\n\n" + header + wise + "\n")
     replace_section(section)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lightclip_core.infra.schema import Section, drop_nulls, merge
-from lightclip_core.models.open_clip_arch import TOWER, fill_section, local_dir_weights
+from lightclip_core.models.open_clip_arch import TOWER, fill_section, has_own_weights
 from lightclip_core.models.registry import is_preset, list_presets, preset_values
 
 
@@ -108,8 +108,8 @@ class ModelConfig(Section):
     def architecture(self) -> dict[str, Any]:
         """The fields that decide the network, as JSON (all but `init_from` and the open_clip student's `model` and
         `pretrained`, which say where its architecture and first weights come from; its `model_cfg` is the
-        architecture): what checkpoints and exports record as `model_config`, and what two configurations must share for
-        one's weights to load into the other."""
+        architecture): what checkpoints and exports record as `model_config`, and what two configurations must share
+        for one's weights to load into the other."""
         if self.open_clip is None:  # this project's student: the record it always had
             return self.model_dump(mode="json", exclude={"init_from", "open_clip"})
         return self.model_dump(mode="json", exclude={"init_from": True, "open_clip": {"model", "pretrained"}})
@@ -124,7 +124,7 @@ class ModelConfig(Section):
             return None
         if spec.pretrained is not None:
             return f"open_clip:{spec.model} pretrained={spec.pretrained}"
-        return spec.model if local_dir_weights(spec.model) is not None else None
+        return spec.model if has_own_weights(spec.model) else None
 
     @model_validator(mode="before")
     @classmethod
@@ -150,7 +150,7 @@ class ModelConfig(Section):
             raise ValueError(f"model.image.tower={TOWER!r} stands for an open_clip student's tower; set "
                              f"model.open_clip, or name a timm model")
         if self.init_from is not None and self.open_clip is not None and (
-                self.open_clip.pretrained is not None or local_dir_weights(self.open_clip.model or "") is not None):
+                self.open_clip.pretrained is not None or has_own_weights(self.open_clip.model or "")):
             raise ValueError("model.init_from and model.open_clip's pretrained weights both name the start weights; "
                              "set one of them")
         return self

@@ -182,6 +182,11 @@ def fill_section(explicit: dict[str, Any]) -> dict[str, Any]:
     return merge(derived, {**explicit, "open_clip": {**spec, "model_cfg": model_cfg}})
 
 
+def has_own_weights(model: str) -> bool:
+    """Whether the model names its weights itself: an `hf-hub:` repository, or a local-dir holding a weights file."""
+    return model.startswith(HF_HUB) or local_dir_weights(model) is not None
+
+
 def local_dir_weights(model: str) -> Path | None:
     """The weights file of a `local-dir:` model (open_clip's preferred names), None when it holds a config only."""
     if not model.startswith(LOCAL_DIR):
