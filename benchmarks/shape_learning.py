@@ -50,6 +50,9 @@ ARMS: dict[str, list[str]] = {  # each CLIP arm: CLIP_ONLY plus these overrides 
                       "model.image.output_stride=16"],
     # the tower that learns shape supervised in 300 steps (probe_resnet18), under CLIP's loss
     "resnet18": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "model.image.tower=resnet18"],
+    # batches of two or four colours (colour_group_root): 63 or 31 same-colour negatives per positive instead of ~15
+    "colour_pairs": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.shuffle_buffer=0"],
+    "colour_quads": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.shuffle_buffer=0"],
 }
 PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and timm keyword arguments
     "probe": {},
@@ -65,9 +68,50 @@ def base_config(extra: list[str]):
     return load_config(ROOT / "params.yaml", [*CLIP_ONLY, "tracking.enabled=false", "export.onnx=false", *extra])
 
 
+COLOUR_GROUPS = {"colour_pairs": 2, "colour_quads": 4}
+
+
+def colour_group_root(data: Path, out: Path, batch: int, colours: int, seed: int) -> Path:
+    """A copy of `data` whose training split is written one batch per shard, each batch `colours` colours with
+    `batch / colours` samples of each (colours drawn at random, samples without replacement, leftovers dropped); `val`
+    is the original. With `train.shuffle_buffer=0` every training batch is one such shard (shards are shuffled per
+    epoch, samples within a shard are not), so each positive has `batch / colours - 1` negatives of its own colour
+    where the shuffled split of 8 colours gives it about `batch / 8 - 1`: colour alone meets less of the loss."""
+    import random
+
+    from lightclip_core.data.shards import Sample, ShardSetWriter, read_manifest
+
+    root = out / f"colour-groups-{colours}-{batch}-seed{seed}"
+    if (root / "train" / "manifest.json").exists():
+        return root
+    manifest = read_manifest(data / "train")
+    by_colour: dict[str, list[dict]] = {}
+    for raw in iter_raw_samples(sorted(str(p) for p in (data / "train").glob("*.tar"))):
+        by_colour.setdefault(json.loads(raw["json"])["colour"], []).append(raw)
+    rng = random.Random(seed)
+    for samples in by_colour.values():
+        rng.shuffle(samples)
+    writer = ShardSetWriter(root / "train", "train", samples_per_shard=batch)
+    share = batch // colours
+    while True:
+        left = [c for c, samples in by_colour.items() if len(samples) >= share]
+        if len(left) < colours:
+            break
+        for colour in rng.sample(left, colours):
+            for raw in (by_colour[colour].pop() for _ in range(share)):
+                ext = next(k for k in raw if k in ("png", "jpg", "jpeg", "webp"))
+                writer.write(Sample(raw["__key__"], raw[ext], ext, raw["txt"].decode(), json.loads(raw["json"])))
+    writer.close(params={**manifest.get("params", {}), "batch_order": f"{colours} colours x {share}"},
+                 tasks=manifest.get("tasks"))
+    (root / "val").symlink_to((data / "val").resolve())
+    return root
+
+
 def clip_run(arm: str, seed: int, steps: int, data: Path, out: Path) -> dict[str, float]:
-    return train_export_evaluate(base_config([*ARMS[arm], f"train.seed={seed}", f"train.max_steps={steps}"]), data,
-                                 "val", out)
+    cfg = base_config([*ARMS[arm], f"train.seed={seed}", f"train.max_steps={steps}"])
+    if arm in COLOUR_GROUPS:
+        data = colour_group_root(data, out, cfg.train.batch_size, COLOUR_GROUPS[arm], seed)
+    return train_export_evaluate(cfg, data, "val", out)
 
 
 def load_split(path: Path, cfg, size: int) -> tuple[torch.Tensor, torch.Tensor]:
