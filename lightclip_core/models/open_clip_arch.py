@@ -105,7 +105,8 @@ def check_supported(model_cfg: dict[str, Any]) -> None:
         raise ValueError(f"its text pooling {text.pool_type!r} is not one of {', '.join(POOLING)}")
 
 
-def square(size: Any) -> int:
+def square_size(size: Any) -> int:
+    """open_clip's image size (an int, or a [h, w] pair) as one side; a non-square size is a ValueError."""
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
             raise ValueError(f"non-square image size {list(size)} is not supported")
@@ -172,7 +173,8 @@ def fill_section(explicit: dict[str, Any]) -> dict[str, Any]:
         source = source_config(model)
         model_cfg = {**copy.deepcopy(source["model_cfg"]), "custom_text": True}
         check_supported(model_cfg)
-        pp = preprocess(model, spec.get("pretrained"), source, square(model_cfg["vision_cfg"].get("image_size", 224)))
+        pp = preprocess(model, spec.get("pretrained"), source,
+                        square_size(model_cfg["vision_cfg"].get("image_size", 224)))
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"model.open_clip.model={model!r}: {err}") from None
     derived = section_values(model_cfg, pp)

@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from lightclip_core.config import TeacherSpec
 from lightclip_core.data.transforms import image_transform, to_rgb
 from lightclip_core.infra.storage import fetch_to_local, is_s3
+from lightclip_core.models.open_clip_arch import square_size
 from lightclip_core.models.timm_variants import ensure_registered
 
 log = logging.getLogger(__name__)
@@ -92,21 +93,13 @@ def _create(name: str, pretrained: str | None, device: torch.device) -> nn.Modul
     return open_clip.create_model(name, pretrained, device=device, require_pretrained=True, weights_only=True)
 
 
-def _square_size(size: Any) -> int:
-    if isinstance(size, (tuple, list)):
-        if len(set(size)) != 1:
-            raise ValueError(f"non-square input size {tuple(size)} is not supported")
-        size = size[0]
-    return int(size)
-
-
 def load_model(spec: TeacherSpec, cache_dir: str | os.PathLike, device: str | torch.device) -> LoadedModel:
     """Load `spec` through open_clip (eval mode, no gradients) with its preprocessing parameters."""
     try:
         name, pretrained = resolve_spec(spec, cache_dir)
         model = _create(name, pretrained, torch.device(device))
         pp = model.visual.preprocess_cfg
-        loaded = LoadedModel(model, name, _square_size(pp["size"]), tuple(float(v) for v in pp["mean"]),
+        loaded = LoadedModel(model, name, square_size(pp["size"]), tuple(float(v) for v in pp["mean"]),
                              tuple(float(v) for v in pp["std"]), str(pp.get("interpolation", "bicubic")))
     except Exception as err:
         raise TeacherLoadError(f"cannot load {describe_spec(spec)}: {_one_line(err)}") from err
