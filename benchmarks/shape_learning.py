@@ -53,6 +53,7 @@ ARMS: dict[str, list[str]] = {  # each CLIP arm: CLIP_ONLY plus these overrides 
     # batches of two or four colours (colour_group_root): 63 or 31 same-colour negatives per positive instead of ~15
     "colour_pairs": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.shuffle_buffer=0"],
     "colour_quads": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.shuffle_buffer=0"],
+    "no_shuffle_buffer": ["train.lr=0.001", "train.image_lr=null", "train.schedule=cosine", "train.shuffle_buffer=0"],
 }
 PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and timm keyword arguments
     "probe": {},
