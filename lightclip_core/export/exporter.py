@@ -313,7 +313,9 @@ def export(cfg: Config, checkpoint: str | os.PathLike, out_dir: str | os.PathLik
         log.warning("model config in %s differs from params.yaml's `model`; exporting the checkpoint's", checkpoint)
     if start is not None:  # WiSE-FT: every check below is on the interpolated model
         model.load_state_dict(interpolate_state(start, ckpt["model"], cfg.export.wise_ft_alpha), strict=True)
-    unfolded = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    # an open_clip student's training-time weights, kept before folding for its open_clip local-dir files
+    unfolded = ({name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+                if model.cfg.open_clip is not None else {})
     inputs = parity_inputs(model, cfg.export.parity_batch)
     trained = reference_outputs(pytorch_runners(model), inputs)
     param_count_unfused = parameter_count(model)

@@ -20,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lightclip_core.infra.schema import merge
+
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"
@@ -161,8 +163,6 @@ def conflicts(explicit: dict[str, Any], derived: dict[str, Any]) -> str | None:
 def fill_section(explicit: dict[str, Any]) -> dict[str, Any]:
     """The `model` section (nulls dropped) with `open_clip` resolved: its `model_cfg` recorded and the fields it decides
     filled in. A section that already records `model_cfg` (a checkpoint's or an export's) is taken as it is."""
-    from lightclip_core.infra.schema import merge
-
     spec = dict(explicit["open_clip"]) if isinstance(explicit.get("open_clip"), dict) else None
     if spec is None or spec.get("model_cfg") is not None:
         return explicit
@@ -187,6 +187,15 @@ def fill_section(explicit: dict[str, Any]) -> dict[str, Any]:
 def has_own_weights(model: str) -> bool:
     """Whether the model names its weights itself: an `hf-hub:` repository, or a local-dir holding a weights file."""
     return model.startswith(HF_HUB) or local_dir_weights(model) is not None
+
+
+def register_towers(model_cfg: dict[str, Any]) -> None:
+    """Register the config's timm tower first when it is one of this project's dilated variants (`<tower>_os16`)."""
+    from lightclip_core.models.timm_variants import ensure_registered
+
+    tower = model_cfg.get("vision_cfg", {}).get("timm_model_name")
+    if tower:
+        ensure_registered(tower)
 
 
 def local_dir_weights(model: str) -> Path | None:

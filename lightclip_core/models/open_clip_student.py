@@ -26,8 +26,8 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from lightclip_core.models.config import ModelConfig
-from lightclip_core.models.open_clip_arch import CONFIG_FILE, HF_HUB, LOCAL_DIR, WEIGHTS_FILES, local_dir_weights
-from lightclip_core.models.timm_variants import ensure_registered
+from lightclip_core.models.open_clip_arch import (CONFIG_FILE, HF_HUB, LOCAL_DIR, WEIGHTS_FILES, local_dir_weights,
+                                                  register_towers)
 
 
 class ImageMaps:
@@ -140,12 +140,6 @@ def adapt(module: nn.Module, mixin: type) -> nn.Module:
         _ADAPTED[key] = type(f"{cls.__name__}With{mixin.__name__}", (mixin, cls), {})
     module.__class__ = _ADAPTED[key]
     return module
-
-
-def register_towers(model_cfg: dict[str, Any]) -> None:
-    tower = model_cfg.get("vision_cfg", {}).get("timm_model_name")
-    if tower:
-        ensure_registered(tower)  # this project's dilated timm variants (`<tower>_os16`)
 
 
 class _NoWeightsNotice(logging.Filter):

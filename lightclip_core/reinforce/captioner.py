@@ -21,10 +21,11 @@ from torch import nn
 
 from lightclip_core.config import TeacherSpec
 from lightclip_core.data.transforms import image_transform
+from lightclip_core.models.open_clip_arch import LOCAL_DIR
 from lightclip_core.models.tokenizer import get_tokenizer
 from lightclip_core.reinforce.caption_decoder import TowerCaptioner, is_captioner_dir, load_captioner
-from lightclip_core.reinforce.teachers import LOCAL_DIR, TeacherLoadError, describe_spec, eval_transform, \
-    load_model, load_tokenizer, resolve_spec
+from lightclip_core.reinforce.teachers import TeacherLoadError, describe_spec, eval_transform, load_model, \
+    load_tokenizer, resolve_spec
 
 log = logging.getLogger(__name__)
 

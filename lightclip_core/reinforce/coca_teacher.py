@@ -36,6 +36,7 @@ from lightclip_core.data.shards import ShardStream, decode_caption, decoded, ite
 from lightclip_core.data.skips import SkipTally
 from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, write_json_atomic
+from lightclip_core.models.open_clip_arch import CONFIG_FILE, WEIGHTS_FILES
 from lightclip_core.models.timm_variants import dilated_name
 from lightclip_core.models.tokenizer import vocab_size
 from lightclip_core.reinforce.caption_decoder import CaptionDecoder, TowerCaptioner, caption_vocabulary, \
@@ -45,8 +46,7 @@ from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+WEIGHTS_FILE = WEIGHTS_FILES[0]  # open_clip's first choice in a local-dir
 LOG_COLUMNS = ("step", "loss", "clip_loss", "caption_loss", "lr", "logit_scale", "samples_per_s")
 INTERPOLATION = "bicubic"
 _MAX_LOG_SCALE = math.log(100.0)

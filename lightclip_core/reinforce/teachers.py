@@ -25,12 +25,10 @@ from torchvision import transforms as T
 from lightclip_core.config import TeacherSpec
 from lightclip_core.data.transforms import image_transform, to_rgb
 from lightclip_core.infra.storage import fetch_to_local, is_s3
-from lightclip_core.models.open_clip_arch import square_size
-from lightclip_core.models.timm_variants import ensure_registered
+from lightclip_core.models.open_clip_arch import CONFIG_FILE, LOCAL_DIR, register_towers, square_size
 
 log = logging.getLogger(__name__)
 
-LOCAL_DIR = "local-dir:"
 
 
 class TeacherLoadError(ValueError):
@@ -75,11 +73,9 @@ def resolve_spec(spec: TeacherSpec, cache_dir: str | os.PathLike) -> tuple[str, 
 
 def _register_tower(name: str) -> None:
     """A local-dir whose timm tower is one of this project's dilated variants (`<tower>_os16`): register it first."""
-    config = Path(name[len(LOCAL_DIR):]) / "open_clip_config.json" if name.startswith(LOCAL_DIR) else None
+    config = Path(name[len(LOCAL_DIR):]) / CONFIG_FILE if name.startswith(LOCAL_DIR) else None
     if config is not None and config.is_file():
-        tower = json.loads(config.read_text()).get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name")
-        if tower:
-            ensure_registered(tower)
+        register_towers(json.loads(config.read_text()).get("model_cfg", {}))
 
 
 def _create(name: str, pretrained: str | None, device: torch.device) -> nn.Module:
