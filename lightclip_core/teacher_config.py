@@ -62,6 +62,16 @@ class CocaTeacherConfig(Section):
     clip_loss_weight: float = Field(1.0, ge=0)
     caption_loss_weight: float = Field(1.0, ge=0)
     seed: int = Field(0, ge=0)
+    pretrain_steps: int = Field(0, ge=0, description="clip, captioning_clip: steps of supervised training of the "
+                                                     "tower on the training split's labels before the contrastive "
+                                                     "training (LiT's supervised tower); 0: none")
+    pretrain_lr: float = Field(3e-3, gt=0, le=1.0, description="that training's AdamW lr (30-step warm-up, then "
+                                                               "constant)")
+    pretrain_labels: list[str] = Field(["colour", "shape", "size", "position"], min_length=1,
+                                       description="keys of the samples' json metadata, one linear head each")
+    lock_tower: bool = Field(False, description="the pretrained tower stays fixed (weights and batch-norm statistics) "
+                                                "during the contrastive training, LiT's locked image tower; its "
+                                                "projection trains")
 
     @model_validator(mode="after")
     def _geometry(self) -> CocaTeacherConfig:
@@ -72,6 +82,11 @@ class CocaTeacherConfig(Section):
         if self.kind == "coca" and (self.tower or self.output_stride):
             raise ValueError(f"tower={self.tower!r}, output_stride={self.output_stride}: a CoCa teacher has a ViT "
                              "image tower (set by the vision_* fields)")
+        if self.kind == "coca" and (self.pretrain_steps or self.lock_tower):
+            raise ValueError(f"pretrain_steps={self.pretrain_steps}, lock_tower={self.lock_tower}: tower pretraining "
+                             "is for a timm tower (kind clip or captioning_clip)")
+        if self.lock_tower and not self.pretrain_steps:
+            raise ValueError("lock_tower=true needs pretrain_steps > 0 (a locked random tower learns nothing)")
         if self.kind == "coca" and self.text_width != self.embed_dim:  # CoCa's decoder: one width for text and image
             raise ValueError(f"text_width={self.text_width} must equal embed_dim={self.embed_dim} (CoCa's decoder "
                              f"reads text tokens and pooled image tokens at one width)")
@@ -82,14 +97,23 @@ class CocaTeacherConfig(Section):
         return self
 
 
+def lit_teacher() -> CocaTeacherConfig:
+    """The embedded default's teacher: a ResNet-18 trained on the samples' labels, then locked while a text tower and a
+    captioning decoder train (LiT; it is also the captioner)."""
+    return CocaTeacherConfig(kind="captioning_clip", tower="resnet18", embed_dim=256, text_width=256, text_layers=4,
+                             text_heads=4, decoder_layers=2, context_length=32, steps=300, batch_size=128,
+                             warmup_steps=25, pretrain_steps=300, lock_tower=True)
+
+
+DEFAULT_GATE = 0.85  # issue #15's bar for a teacher's colour+shape and the captions' colour and shape
+
+
 class TeacherConfig(Section):
-    train: CocaTeacherConfig = CocaTeacherConfig()
-    second: CocaTeacherConfig | None = Field(
-        default_factory=lambda: CocaTeacherConfig(kind="clip", tower="resnet18", embed_dim=256, text_width=256,
-                                                  text_layers=4, text_heads=4, context_length=32, steps=300,
-                                                  batch_size=128, warmup_steps=25),
-        description="a second, different trained teacher in the ensemble; null: none")
+    train: CocaTeacherConfig = Field(default_factory=lit_teacher)
+    second: CocaTeacherConfig | None = Field(None, description="a second, different trained teacher in the ensemble; "
+                                                               "null: none")
     ensemble: list[TeacherSpec] = Field(
         default_factory=list, description="the teachers whose embeddings are stored; empty: the trained teacher")
     captioner: TeacherSpec | None = Field(None, description="an open_clip CoCa model; null: the trained teacher")
-    gate: QualityGateConfig = QualityGateConfig()
+    gate: QualityGateConfig = QualityGateConfig(min_colour_shape=DEFAULT_GATE, min_caption_colour=DEFAULT_GATE,
+                                                min_caption_shape=DEFAULT_GATE)

@@ -61,9 +61,12 @@ def test_lineage_collapses_a_section_whose_every_field_is_read() -> None:
 # All three moved once more on purpose with issue #18: data.ingest.max_skip_fraction became data.max_skip_fraction, the
 # one limit of every stage that reads samples (prepare e4f82c2f5102a48b / e4eead3306cbb9fc, teacher bd9ef83ea2bd5f38 /
 # 7d4661f91456c295, reinforce 7d35c3695d4dbb45 / 05a0e4bf9287436a before, default / tiny).
+# Teacher and reinforce moved once more on purpose with issue #15's LiT teacher: teacher sections have the pretrain_*
+# and lock_tower fields, and the default teacher, second and gate changed (teacher ebc181e9ab809ff7 / 04f95728f823ea48,
+# reinforce 497bd65fa39f7856 / d40a000c39c65591 before).
 BEFORE = {
-    "default": {"prepare": "04fb48a12a8cb62c", "teacher": "ebc181e9ab809ff7", "reinforce": "497bd65fa39f7856"},
-    "tiny": {"prepare": "2392c39365c06cd3", "teacher": "04f95728f823ea48", "reinforce": "d40a000c39c65591"},
+    "default": {"prepare": "04fb48a12a8cb62c", "teacher": "0c9be45e71ff9b49", "reinforce": "e2f9b6fa06a070ba"},
+    "tiny": {"prepare": "2392c39365c06cd3", "teacher": "79168348c27795ea", "reinforce": "11d5ec1db9eaab47"},
 }
 
 

@@ -41,6 +41,7 @@ from lightclip_core.models.timm_variants import dilated_name
 from lightclip_core.models.tokenizer import vocab_size
 from lightclip_core.reinforce.caption_decoder import CaptionDecoder, TowerCaptioner, caption_vocabulary, \
     save_captioner
+from lightclip_core.reinforce.tower_pretrain import pretrain_tower
 from lightclip_core.train.data import PairDecoder, batches
 from lightclip_core.train.schedule import build_scheduler
 
@@ -223,6 +224,8 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
     scheduler = build_scheduler(optimizer, c.warmup_steps, c.steps, c.schedule)
     rows: list[dict[str, float]] = []
     trained.train()
+    if c.lock_tower:  # LiT: the pretrained tower's batch-norm statistics stay as they are
+        model.visual.trunk.eval()
     tick = time.perf_counter()
     with open(log_path, "w", newline="") as log_file, tqdm(total=c.steps, desc="teacher", unit="step") as bar:
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
@@ -284,6 +287,14 @@ def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_d
         write_config(build, model_config(c), preprocess_config(c.image_size, mean, std))
         torch.manual_seed(c.seed)
         model = create_from_dir(build, device)
+        pretrained = {}
+        if c.pretrain_steps:
+            log.info("training the %s teacher %r's tower supervised on %s for %d steps", c.kind, name,
+                     ", ".join(c.pretrain_labels), c.pretrain_steps)
+            pretrained = pretrain_tower(model.visual.trunk, c, train_dir, mean, std, INTERPOLATION, device,
+                                        max_skip_fraction)
+        if c.lock_tower:
+            model.visual.lock(unlocked_groups=0, freeze_bn_stats=False)  # open_clip's: the trunk's requires_grad off
         decoder = build_decoder(c, model, train_dir).to(device) if c.kind == "captioning_clip" else None
         loader, stream = _loader(c, train_dir, mean, std, device)
         log.info("training the %s teacher %r (%.2fM parameters) for %d steps, batch %d, on %s", c.kind, name,
@@ -294,7 +305,8 @@ def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_d
         rows = _train_loop(model, c, loader, stream, log_path, sink, device, decoder,
                            (max_skip_fraction, read_manifest(train_dir)["num_samples"], source))
         stream.tally.check(max_skip_fraction, source)
-        metrics = {**_summary(rows, c.batch_size, time.perf_counter() - started), **stream.tally.metrics()}
+        metrics = {**_summary(rows, c.batch_size, time.perf_counter() - started), **stream.tally.metrics(),
+                   **pretrained}
         if decoder is not None:
             publish_captioner(model, decoder, c, out_dir / CAPTIONER_DIR, mean, std)
         publish_model_dir(model, build, final)

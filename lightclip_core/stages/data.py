@@ -68,13 +68,14 @@ class TeacherSummary:
 
 def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
                 val: str | os.PathLike | None = None) -> TeacherSummary:
-    """Train the embedded default's teachers (`teacher.train`, a CoCa that is also the captioner, and `teacher.second`)
+    """Train the embedded default's teachers (`teacher.train`, also the captioner, and `teacher.second` when set)
     on the training split `data` (a prepared root: its train/); each lands in `out/<name>/`, the metrics in
     `out/metrics.json`: training figures and each teacher's and the captioner's quality (`quality/<name>/...`) on the
     validation split `val` (default: the `val` split next to `data`, when there is one), which `reinforce`'s gate reads.
     """
     from lightclip_core.reinforce.coca_teacher import train_coca_teacher
     from lightclip_core.reinforce.quality import load_split
+    from lightclip_core.reinforce.tower_pretrain import label_classes
 
     data = split_of(data, "train")
     _check_teacher_inputs(data, val, out)
@@ -82,6 +83,9 @@ def run_teacher(*, cfg: Config, data: str | os.PathLike, out: str | os.PathLike,
     train_dir = local_dir(data, "training split", "data")
     val_dir = _validation_split(data, val)
     teachers = {"model": cfg.teacher.train, **({"second": cfg.teacher.second} if cfg.teacher.second else {})}
+    for teacher in teachers.values():  # a split without the pretraining labels stops here, before any run
+        if teacher.pretrain_steps:
+            label_classes(train_dir, teacher.pretrain_labels, limit=1)
     metrics: dict[str, float] = {}
     # read (and held to data.max_skip_fraction) before any training, so a damaged split publishes nothing
     val_split = load_split(val_dir, max_skip_fraction=cfg.data.max_skip_fraction) if val_dir is not None else None
