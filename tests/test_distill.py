@@ -172,3 +172,51 @@ def test_errors(setup):
         with pytest.raises(ValueError):
             DistillationObjective(dims, scales)
     assert list(DistillationObjective(DIMS, SCALES).parameters()) == []
+
+
+def reference_feature_l2(student: torch.Tensor, teacher: torch.Tensor, weights: list[np.ndarray], dims) -> float:
+    """F(x, T) in float64 with a loop over teachers and rows."""
+    x, t = student.detach().double().numpy(), teacher.double().numpy()
+    per_teacher, start = [], 0
+    for w, d in zip(weights, dims):
+        rows = []
+        for i in range(x.shape[0]):
+            p, q = w @ x[i], t[i, start:start + d]
+            rows.append(np.sum((p / np.linalg.norm(p) - q / np.linalg.norm(q)) ** 2))
+        per_teacher.append(np.mean(rows))
+        start += d
+    return float(np.mean(per_teacher))
+
+
+def test_feature_distillation_adds_the_l2_terms_to_kd(setup):
+    """feature_weight w: the loss is the KD loss plus w * (F(v, T_img) + F(u_real, T_txt) + F(u_syn, T_syn)), each F
+    against a float64 loop with the objective's own projections; the projections and both towers get gradients."""
+    model, ctx, out = setup
+    torch.manual_seed(3)
+    objective = DistillationObjective(DIMS, SCALES, lam=1.0, feature_weight=0.5, embed_dim=MODEL["embed_dim"])
+    terms = objective(out, ctx)
+    with torch.no_grad():
+        kd_only = objective_total(ctx, out, lam=1.0)
+    syn = model.encode_text(trim_padding(ctx.extras["syn_tokens"]), normalize=True)
+    expected = {"image": (out["image_features"], "teacher_image_emb", objective.image_projections),
+                "real": (out["text_features"], "teacher_text_emb", objective.text_projections),
+                "syn": (syn, "teacher_syn_text_emb", objective.text_projections)}
+    features = 0.0
+    for tag, (student, key, projections) in expected.items():
+        weights = [p.weight.detach().double().numpy() for p in projections]
+        ref = reference_feature_l2(student, ctx.extras[key], weights, DIMS)
+        assert abs(float(terms[f"distill_feature_{tag}"]) - ref) < 1e-5, tag
+        features += ref
+    assert abs(terms["distill_loss"].item() - (float(kd_only) + 0.5 * features)) < 1e-4
+    model.zero_grad()
+    terms["distill_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.parameters())
+    for tower in (model.visual, model.text):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+
+
+def test_feature_distillation_needs_the_embedding_width():
+    with pytest.raises(ValueError, match="embed_dim"):
+        DistillationObjective(DIMS, SCALES, feature_weight=1.0)
+    with pytest.raises(ValueError, match="feature_weight"):
+        DistillationObjective(DIMS, SCALES, feature_weight=-1.0, embed_dim=16)

@@ -9,6 +9,14 @@ For a batch B of b samples (student features v, u normalised, learnable scale s;
     L(B) = (1 - lam) * CLIP(B) + lam * KD(B)
     loss = L(B_real) + L(B_syn)      (same image features; ground-truth captions, then one synthetic caption each)
 
+Optionally (`feature_weight` > 0), L2 feature distillation (Popp et al., arXiv 2404.16637): each student embedding
+is mapped by a training-only linear projection W_k per teacher and pulled towards that teacher's stored embedding,
+
+    F(x, T) = mean_k mean_i || normalise(W_k x_i) - normalise(T[k]_i) ||^2
+    loss   += feature_weight * [F(v, T_img) + F(u_real, T_txt) + F(u_syn, T_syn)]   (the caption batches in use)
+
+a per-sample target (the teacher's embedding itself) rather than a distribution over the batch.
+
 Teacher embeddings are the K teachers' normalised embeddings side by side, `[b, sum(dims)]` (stored as fp16): each
 slice is re-normalised in float32 and the teacher probabilities carry no gradient.
 
@@ -22,6 +30,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightclip_core.infra.distributed import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.base import Objective, StepContext
@@ -85,6 +94,16 @@ def distillation_kd(image_features: torch.Tensor, text_features: torch.Tensor, l
     return 0.5 * (_soft_ce(p_img, logits_per_image) + _soft_ce(p_txt, logits_per_text))
 
 
+def feature_l2(student: torch.Tensor, teacher: torch.Tensor, projections: nn.ModuleList,
+               dims: Sequence[int]) -> torch.Tensor:
+    """F(x, T): the mean over teachers k and rows i of ||normalise(W_k x_i) - normalise(T[k]_i)||^2 (float32; the
+    teacher side carries no gradient)."""
+    slices = teacher.detach().float().split(list(dims), 1)
+    terms = [(F.normalize(proj(student).float(), dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(dim=1).mean()
+             for proj, t in zip(projections, slices)]
+    return torch.stack(terms).mean()
+
+
 def mobileclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                     teacher_image: torch.Tensor, teacher_text: torch.Tensor, dims: Sequence[int],
                     scales: Sequence[float], lam: float, *, all_image_features: torch.Tensor | None = None,
@@ -108,12 +127,14 @@ def mobileclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, l
 
 class DistillationObjective(Objective):
     """MobileCLIP's loss over a reinforced dataset: the ground-truth captions ("real"), one synthetic caption per
-    sample through a second pass of the text tower ("synthetic"), or both. No parameters of its own."""
+    sample through a second pass of the text tower ("synthetic"), or both. With `feature_weight` > 0 it has the
+    feature distillation's projections (`embed_dim` -> each teacher's width, one for images, one for texts), which
+    train with the model and are not exported."""
 
     name = "distill"
 
     def __init__(self, dims: Sequence[int], scales: Sequence[float], lam: float = 1.0, caption_batches: str = "both",
-                 weight: float = 1.0):
+                 weight: float = 1.0, feature_weight: float = 0.0, embed_dim: int | None = None):
         super().__init__(weight)
         self.dims, self.scales = [int(d) for d in dims], [float(s) for s in scales]
         if not self.dims or len(self.dims) != len(self.scales):
@@ -125,6 +146,12 @@ class DistillationObjective(Objective):
         if caption_batches not in CAPTION_BATCHES:
             raise ValueError(f"caption_batches={caption_batches!r} must be one of {CAPTION_BATCHES}")
         self.lam, self.caption_batches = float(lam), caption_batches
+        self.feature_weight = float(feature_weight)
+        if self.feature_weight < 0 or (self.feature_weight > 0 and not embed_dim):
+            raise ValueError(f"feature_weight={feature_weight} must be >= 0 and needs the student's embed_dim")
+        if self.feature_weight > 0:
+            self.image_projections = nn.ModuleList(nn.Linear(embed_dim, d, bias=False) for d in self.dims)
+            self.text_projections = nn.ModuleList(nn.Linear(embed_dim, d, bias=False) for d in self.dims)
 
     @staticmethod
     def _extra(ctx: StepContext, key: str) -> torch.Tensor:
@@ -149,6 +176,10 @@ class DistillationObjective(Objective):
                    "offset": row_offset(image.shape[0])}
         terms: dict[str, torch.Tensor | float] = {}
         total = image.new_zeros((), dtype=torch.float32)
+        if self.feature_weight:
+            feature = feature_l2(image, teacher_image, self.image_projections, self.dims)
+            terms["distill_feature_image"] = feature.detach()
+            total = total + self.feature_weight * feature
         for tag, (text, teacher_text) in batches.items():
             teacher_text = teacher_text.to(image.device)
             loss, clip, kd = mobileclip_loss(image, text, scale, teacher_image, teacher_text, self.dims, self.scales,
@@ -156,4 +187,8 @@ class DistillationObjective(Objective):
                                              all_teacher_text=gather_no_grad(teacher_text), **columns)
             total = total + loss
             terms[f"distill_kd_{tag}"], terms[f"distill_clip_{tag}"] = kd.detach(), clip.detach()
+            if self.feature_weight:
+                feature = feature_l2(text, teacher_text, self.text_projections, self.dims)
+                terms[f"distill_feature_{tag}"] = feature.detach()
+                total = total + self.feature_weight * feature
         return {"distill_loss": total, **terms}

@@ -83,7 +83,8 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
             raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
                               f"{len(reinforcement['dims'])} teachers")
         objectives.append(DistillationObjective(reinforcement["dims"], scales, d.lam, d.caption_batches,
-                                                weight=d.weight))
+                                                weight=d.weight, feature_weight=d.feature_weight,
+                                                embed_dim=cfg.model.embed_dim))
     return nn.ModuleList(objectives)
 
 
