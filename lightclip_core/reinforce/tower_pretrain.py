@@ -30,8 +30,6 @@ from lightclip_core.train.schedule import build_scheduler
 
 PRETRAIN_WEIGHT_DECAY = 0.05
 PRETRAIN_WARMUP = 30  # steps; then constant
-
-
 NO_LABELS_HINT = ("data without these labels needs teacher.train.pretrain_steps=0 and lock_tower=false, or "
                   "pretrained teachers (teacher.ensemble, teacher.captioner)")
 
@@ -39,7 +37,8 @@ NO_LABELS_HINT = ("data without these labels needs teacher.train.pretrain_steps=
 def label_classes(train_dir: str | os.PathLike, labels: Sequence[str], limit: int | None = None
                   ) -> dict[str, list[str]]:
     """Each label's values over the metadata of the split's first `limit` samples (all: None), sorted. A ConfigError
-    naming the label when a sample lacks it (the split has no such label) or it takes fewer than two values."""
+    naming the label when a sample lacks it (the split has no such label) or, over the whole split, it takes fewer
+    than two values."""
     values: dict[str, set[str]] = {label: set() for label in labels}
     metas = decoded(iter_raw_samples(shard_refs(train_dir)), decode_meta, SkipTally())
     for meta in itertools.islice(metas, limit):
@@ -48,12 +47,11 @@ def label_classes(train_dir: str | os.PathLike, labels: Sequence[str], limit: in
                 raise ConfigError(f"teacher pretrain_labels: {label!r} is not in the training samples' metadata "
                                   f"(keys: {sorted(meta)}); {NO_LABELS_HINT}")
             values[label].add(str(meta[label]))
-    if limit is not None:
-        return {label: sorted(seen) for label, seen in values.items()}
-    for label, seen in values.items():
-        if len(seen) < 2:
-            raise ConfigError(f"teacher pretrain_labels: {label!r} takes {len(seen)} value(s) in the training split; "
-                              "a label to learn needs at least two")
+    if limit is None:  # the whole split: every label must vary
+        for label, seen in values.items():
+            if len(seen) < 2:
+                raise ConfigError(f"teacher pretrain_labels: {label!r} takes {len(seen)} value(s) in the training "
+                                  "split; a label to learn needs at least two")
     return {label: sorted(seen) for label, seen in values.items()}
 
 
