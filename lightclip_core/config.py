@@ -214,7 +214,7 @@ class DistillObjectiveConfig(Section):
         "both", description="both: L(real captions) + L(synthetic captions) over the same image features")
     teacher_scales: list[float] | None = Field(
         None, description="fixed scale s_k per teacher; null: the scales the reinforced split's manifest records")
-    feature_weight: float = Field(0.0, ge=0.0, description="L2 feature distillation (Popp et al.): each student "
+    feature_weight: float = Field(1.0, ge=0.0, description="L2 feature distillation (Popp et al.): each student "
                                                            "embedding, through a training-only projection per "
                                                            "teacher, towards the teacher's stored one; 0: off")
 

@@ -284,7 +284,9 @@ def test_every_objective_parameter_is_covered():
     module = _training_loss("all")
     trained = {n.split(".")[1] for n, p in module.named_parameters() if n.startswith("objectives.") and p.requires_grad}
     assert [o.name for o in module.objectives] == ["contrastive", "token", "mlm", "distill"]
-    assert trained == {"1", "2"}  # token (projections), mlm (fusion, head, mask row); contrastive's EMA is frozen
+    # token (projections), mlm (fusion, head, mask row), distill (the feature distillation's projections, on by
+    # default); contrastive's EMA is frozen
+    assert trained == {"1", "2", "3"}
     losses = {o["contrastive"].get("loss", "infonce") for o, _ in CASES.values() if o["contrastive"] is not OFF}
     assert losses == set(LOSSES)  # every instance-level loss has a case
     assert "logit_bias" in dict(_training_loss("sigmoid").model.named_parameters())
