@@ -305,7 +305,7 @@ def test_published_datacompdr_shards_are_indexed_and_trained_on(reinforced, tmp_
     assert result.steps == 3 and "distill_loss" in result.train_log.read_text().splitlines()[0]
 
 
-def test_distillation_scales_come_from_the_manifest_unless_overridden():
+def test_distillation_scales_come_from_the_manifest_unless_overridden_one_for_all_or_one_each():
     from lightclip_core.config import ConfigError
     from lightclip_core.losses.objective import build_objectives
     from lightclip_core.models import build_model
@@ -316,7 +316,9 @@ def test_distillation_scales_come_from_the_manifest_unless_overridden():
     assert build_objectives(cfg, model, reinforcement)[-1].scales == [13.5, 14.0]
     override = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0, 50.0]}})
     assert build_objectives(override, model, reinforcement)[-1].scales == [100.0, 50.0]
-    wrong = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0]}})
+    one_for_all = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0]}})
+    assert build_objectives(one_for_all, model, reinforcement)[-1].scales == [100.0, 100.0]
+    wrong = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0, 50.0, 70.0]}})
     with pytest.raises(ConfigError, match="objectives.distill.teacher_scales"):
         build_objectives(wrong, model, reinforcement)
     with pytest.raises(ConfigError, match="not reinforced"):

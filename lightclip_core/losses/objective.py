@@ -78,10 +78,13 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
         if reinforcement is None:
             raise ConfigError("objectives.distill.enabled=true: the training split is not reinforced; run "
                               "`lightclip reinforce` or set objectives.distill.enabled=false")
+        teachers = len(reinforcement["dims"])
         scales = d.teacher_scales or reinforcement["scales"]
-        if len(scales) != len(reinforcement["dims"]):
+        if len(scales) == 1:
+            scales = list(scales) * teachers  # one fixed scale for every teacher, as MobileCLIP's 100
+        if len(scales) != teachers:
             raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
-                              f"{len(reinforcement['dims'])} teachers")
+                              f"{teachers} teachers (give one scale for all, or one per teacher)")
         objectives.append(DistillationObjective(reinforcement["dims"], scales, d.lam, d.caption_batches,
                                                 weight=d.weight, feature_weight=d.feature_weight,
                                                 embed_dim=cfg.model.embed_dim))
