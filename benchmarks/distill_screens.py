@@ -135,8 +135,10 @@ def cell(entry: dict[str, float], reference: bool) -> str:
 def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seeds: list[int]) -> None:
     keys = ["colour", "shape", "colour_shape", "i2t_R@1", "t2i_R@1", "attr_i2t_R@1", "attr_t2i_R@1"]
     lines = [TITLE, "",
-             "The default recipe (`params.yaml`) against one change at a time, on the committed run's stored views, "
-             f"test split, seeds {', '.join(map(str, seeds))} (the same views and data order per seed). Each cell: "
+             "The default recipe (`params.yaml`) against one change at a time, on the stored views in "
+             "`artifacts/reinforced/train` when the runs were made (their key is in each kept run's file name: views "
+             f"differ between machines), test split, seeds {', '.join(map(str, seeds))} (the same views and data "
+             "order per seed; validation figures are in the JSON, prefixed `val_`). Each cell: "
              "mean ± sd over the arm's seeds in points, then the difference to `default` (bold where it exceeds "
              "twice its Welch standard error, issue #16's rule; one seed has no standard error: a screen, not a "
              "result). Train wall time: mean seconds, separate runs.", "",
