@@ -321,6 +321,8 @@ def test_distillation_scales_come_from_the_manifest_unless_overridden_one_for_al
     wrong = config(objectives={**TINY["objectives"], "distill": {"teacher_scales": [100.0, 50.0, 70.0]}})
     with pytest.raises(ConfigError, match="objectives.distill.teacher_scales"):
         build_objectives(wrong, model, reinforcement)
+    with pytest.raises(ConfigError, match="2 teachers"):  # only a scale the user gives is spread over the teachers
+        build_objectives(cfg, model, {"dims": [32, 16], "scales": [13.5]})
     with pytest.raises(ConfigError, match="not reinforced"):
         build_objectives(cfg, model, None)
 

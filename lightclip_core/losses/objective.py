@@ -79,8 +79,8 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
             raise ConfigError("objectives.distill.enabled=true: the training split is not reinforced; run "
                               "`lightclip reinforce` or set objectives.distill.enabled=false")
         teachers = len(reinforcement["dims"])
-        scales = d.teacher_scales or reinforcement["scales"]
-        if len(scales) == 1:
+        scales = reinforcement["scales"] if d.teacher_scales is None else d.teacher_scales
+        if d.teacher_scales is not None and len(scales) == 1:
             scales = list(scales) * teachers  # one fixed scale for every teacher, as MobileCLIP's 100
         if len(scales) != teachers:
             raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
