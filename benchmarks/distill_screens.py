@@ -31,6 +31,7 @@ from common import ROOT, publish, replace_section  # noqa: E402
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
+from lightclip_core.infra.storage import write_json_atomic  # noqa: E402
 from lightclip_core.train.trainer import train  # noqa: E402
 
 TRAIN = ROOT / "artifacts" / "reinforced" / "train"
@@ -98,9 +99,7 @@ def run_arm(arm: str, seed: int, work: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         row = train_export_evaluate(cfg, Path(tmp), stem.with_suffix(".csv"))
     row.update(arm=arm, seed=seed, overrides=ARMS[arm])
-    partial = stem.with_suffix(".json.part")
-    partial.write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
-    partial.replace(stem.with_suffix(".json"))
+    write_json_atomic(stem.with_suffix(".json"), row)
     print(f"done {arm} seed {seed}: " + ", ".join(f"{k} {100 * row[k]:.1f}" for k in METRICS), flush=True)
     return row
 
@@ -133,7 +132,7 @@ def cell(entry: dict[str, float], reference: bool) -> str:
 
 
 def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seeds: list[int]) -> None:
-    keys = ["colour", "shape", "colour_shape", "i2t_R@1", "t2i_R@1", "attr_i2t_R@1", "attr_t2i_R@1"]
+    keys = list(METRICS)
     lines = [TITLE, "",
              "The default recipe (`params.yaml`) against one change at a time, on the stored views in "
              "`artifacts/reinforced/train` when the runs were made (their key is in each kept run's file name: views "
