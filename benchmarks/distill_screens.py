@@ -48,6 +48,11 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "teacher_scale_100": ["objectives.distill.teacher_scales=[100]"],
     "lam_0.75": ["objectives.distill.lam=0.75"],
     "lam_0.5": ["objectives.distill.lam=0.5"],
+    # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
+    "tower_effb0": ["model.image.tower=efficientnet_b0"],
+    "tower_mnv3": ["model.image.tower=mobilenetv3_large_100"],
+    "tower_repvit_m0_9": ["model.image.tower=repvit_m0_9"],
+    "tower_resnet18": ["model.image.tower=resnet18"],
 }
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1",

@@ -60,6 +60,11 @@ PROBES: dict[str, dict] = {  # supervised probes: the tower, its input size and 
     "probe_128px": {"size": 128},
     "probe_os16": {"kwargs": {"output_stride": 16}},
     "probe_resnet18": {"tower": "resnet18"},
+    # mobile towers of timm: which learns shape at 64 px as fast as the ResNet-18 does?
+    "probe_effb0": {"tower": "efficientnet_b0"},
+    "probe_mobileone_s0": {"tower": "mobileone_s0"},
+    "probe_mnv3": {"tower": "mobilenetv3_large_100"},
+    "probe_repvit_m0_9": {"tower": "repvit_m0_9"},
 }
 PROBE_LR = 3e-3
 PROBE_WARMUP = 30
@@ -197,7 +202,6 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = ensure_data(args.work)
-    runs: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
         for arm in args.arms:
             done = args.work / f"{arm}-seed{seed}-steps{args.steps}.json"
@@ -207,18 +211,26 @@ def main() -> None:
                            else clip_run(arm, seed, args.steps, data, Path(tmp)))
                 done.write_text(json.dumps(row) + "\n")
                 print(f"{arm} seed {seed}: {json.dumps(row)}", flush=True)
-            if done.exists():
-                runs.setdefault(arm, []).append(json.loads(done.read_text()))
+    # the table always holds every kept run at this step count, whichever arms and seeds this call ran
+    runs: dict[str, list[dict[str, float]]] = {}
+    seeds: set[int] = set()
+    for arm in [*PROBES, *ARMS]:
+        for done in sorted(args.work.glob(f"{arm}-seed*-steps{args.steps}.json")):
+            runs.setdefault(arm, []).append(json.loads(done.read_text()))
+            seeds.add(int(done.name[len(arm) + len("-seed"):].split("-")[0]))
+    args.seeds = sorted(seeds)
     table = summarise(runs)
     write_section(table, args)
-    clip_shape = table.get("clip", {}).get("shape_mean", float("nan"))
-    best = max((a for a in table if a not in PROBES), key=lambda a: table[a]["colour_shape_mean"], default="clip")
+    if "clip" not in table:
+        sys.exit("no kept run of the `clip` arm at this step count: nothing to compare with")
+    clip_shape = table["clip"]["shape_mean"]
+    best = max((a for a in table if a not in PROBES), key=lambda a: table[a]["colour_shape_mean"])
     probes = ", ".join(f"{a} {100 * table[a]['shape_mean']:.1f}%" for a in table if a in PROBES)
     publish("shape_learning", {"steps": args.steps, "seeds": args.seeds, "table": table},
             measured=f"best CLIP arm {best}: shape {100 * table[best]['shape_mean']:.1f}%, colour+shape "
                      f"{100 * table[best]['colour_shape_mean']:.1f}%; supervised probes' shape: {probes}",
             reference=f"CLIP at lr 1e-3 cosine: shape {100 * clip_shape:.1f}%",
-            ratio=table[best]["shape_mean"] / clip_shape if clip_shape == clip_shape else float("nan"),
+            ratio=table[best]["shape_mean"] / clip_shape,
             command=f"python benchmarks/shape_learning.py --steps {args.steps} --seeds "
                     f"{' '.join(map(str, args.seeds))}")
 
