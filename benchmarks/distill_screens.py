@@ -49,6 +49,7 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "lam_0.75": ["objectives.distill.lam=0.75"],
     "lam_0.5": ["objectives.distill.lam=0.5"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
+    "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
     "tower_mnv3": ["model.image.tower=mobilenetv3_large_100"],
     "tower_repvit_m0_9": ["model.image.tower=repvit_m0_9"],

@@ -66,11 +66,12 @@ def test_masked_token_mixing_ignores_padding_folded_and_unfolded() -> None:
         reparameterize(block)
 
 
-def test_timm_tower_folds_through_the_walker() -> None:
+@pytest.mark.parametrize("tower", ["mobileone_s0", "repvit_m0_9"])  # timm's reparameterize() and fuse() hooks
+def test_timm_tower_folds_through_the_walker(tower: str) -> None:
     import timm
 
     def build() -> nn.Module:
-        return timm.create_model("mobileone_s0", num_classes=0)
+        return timm.create_model(tower, num_classes=0)
 
     before = parameter_count(build())
     unfolded, folded, model = folded_and_unfolded(build, torch.randn(2, 3, 64, 64))

@@ -38,7 +38,7 @@ class TextConfig(Section):
 
 
 class ImageConfig(Section):
-    tower: str = Field("mobilenetv2_100", description=f"any timm model name ({TOWER!r}: an open_clip student's own, "
+    tower: str = Field("repvit_m0_9", description=f"any timm model name ({TOWER!r}: an open_clip student's own, "
                                                       f"filled in from model.open_clip)")
     size: int = Field(64, ge=16, le=1024)
     output_stride: Literal[8, 16, 32] | None = Field(
