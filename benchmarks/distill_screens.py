@@ -48,6 +48,10 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "teacher_scale_100": ["objectives.distill.teacher_scales=[100]"],
     "lam_0.75": ["objectives.distill.lam=0.75"],
     "lam_0.5": ["objectives.distill.lam=0.5"],
+    # issue #16's reference arms on the same stored views: CLIP alone, and LightCLIP's objectives without distillation
+    "plain_clip": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+                   "objectives.mlm.enabled=false", "objectives.distill.enabled=false"],
+    "lightclip_no_distill": ["objectives.distill.enabled=false"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
