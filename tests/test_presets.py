@@ -25,7 +25,7 @@ def test_registry_lists_the_lightclip_and_mobileclip_presets() -> None:
 def test_the_embedded_default_model_is_unchanged() -> None:
     model = Config().model
     assert model.preset is None and model.embed_dim == 256
-    assert (model.image.tower, model.image.size, model.image.interpolation) == ("mobilenetv2_100", 64, "bilinear")
+    assert (model.image.tower, model.image.size, model.image.interpolation) == ("repvit_m0_9", 64, "bilinear")
     text = model.text
     assert (text.kind, text.context_length, text.width, text.heads, text.layers, text.causal) == \
         ("transformer", 32, 256, 4, 4, True)
