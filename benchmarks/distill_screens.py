@@ -56,7 +56,7 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
     "tower_mnv3": ["model.image.tower=mobilenetv3_large_100"],
-    "tower_repvit_m0_9": ["model.image.tower=repvit_m0_9"],
+    "tower_repvit_m0_9": ["model.image.tower=repvit_m0_9"],  # the default since: its runs are the default's
     "tower_resnet18": ["model.image.tower=resnet18"],
 }
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
