@@ -58,6 +58,8 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "tower_mnv3": ["model.image.tower=mobilenetv3_large_100"],
     "tower_repvit_m0_9": ["model.image.tower=repvit_m0_9"],  # the default since: its runs are the default's
     "tower_resnet18": ["model.image.tower=resnet18"],
+    "epochs_2": ["train.epochs=2.0"],  # issue #15 item 5: a shorter training, if the student loses nothing
+    "epochs_1.5": ["train.epochs=1.5"],
 }
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1",
