@@ -423,3 +423,40 @@ def test_a_teachers_description_changes_with_its_weights_and_only_with_them():
     same.load_state_dict(model.state_dict())
     same.scale.fill_(4.7)
     assert weights_digest(model) != weights_digest(same)
+
+
+@pytest.mark.parametrize("captions", [["a"], ["a red square on the left of the image", "a", "a blue circle"]])
+def test_trimmed_text_encoding_equals_open_clips_on_the_padded_tokens(captions):
+    """encode_text runs only up to the batch's last end-of-text column; for open_clip's causal, end-of-text-pooled
+    CLIP that is exact: the reference is open_clip's own encode_text over all 16 columns."""
+    from lightclip_core.reinforce.teachers import encode_text
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP).eval()
+    tokens = open_clip.tokenize(captions, context_length=16)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text(model, tokens, normalize=True),
+                                   model.encode_text(tokens, normalize=True), atol=1e-6, rtol=1e-5)
+
+
+def test_reduced_vocabulary_sampling_keeps_the_full_vocabularys_nucleus():
+    """The captioning decoder samples over its own few tokens, not the tokenizer's 49408: the nucleus and its
+    probabilities, mapped back to tokenizer ids, are those of the full-vocabulary logits (-inf elsewhere)."""
+    from lightclip_core.models.tokenizer import special_token_ids
+    from lightclip_core.reinforce.caption_decoder import CaptionDecoder, TowerCaptioner
+
+    special = special_token_ids()
+    vocab = [-1, special["sot"], special["eot"], *range(300, 340)]
+    torch.manual_seed(0)
+    model = TowerCaptioner("resnet18", CaptionDecoder(vocab, 512, width=32, heads=2, layers=1,
+                                                      context_length=8)).eval()
+    prefix = open_clip.tokenize(["a red square", "a"], 8)[:, :3]
+    with torch.no_grad():
+        memory = model.encode(torch.randn(2, 3, 32, 32))
+        full = model.next_logits(prefix, memory)
+        reduced = model.next_reduced_logits(prefix, memory)
+    for top_p in (0.3, 0.9):
+        full_p = torch.softmax(top_p_filter(full, top_p), dim=-1)
+        reduced_p = torch.softmax(top_p_filter(reduced, top_p), dim=-1)
+        mapped = torch.zeros_like(full_p).index_add_(1, model.decoder.to_token, reduced_p)
+        torch.testing.assert_close(mapped, full_p)

@@ -101,11 +101,18 @@ class TowerCaptioner(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.decoder.memory_tokens(self.trunk.forward_features(images))
 
-    def next_logits(self, prefix: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """`[N, V]` logits (over tokenizer ids, -inf outside the vocabulary) of the token after `prefix` (tokenizer
-        ids)."""
+    def next_reduced_logits(self, prefix: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """`[N, len(vocab)]` logits over the reduced vocabulary (-inf at the placeholder) of the token after `prefix`
+        (tokenizer ids); `decoder.to_token` maps an index to its tokenizer id. Sampling here, not over the
+        tokenizer's 49408 ids, is what makes a caption cheap."""
         reduced = self.decoder(self.decoder.to_reduced[prefix], memory)[:, -1]
         reduced[:, UNK] = float("-inf")
+        return reduced
+
+    def next_logits(self, prefix: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """`[N, 49408]` logits (over tokenizer ids, -inf outside the vocabulary) of the token after `prefix`
+        (tokenizer ids)."""
+        reduced = self.next_reduced_logits(prefix, memory)
         out = torch.full((reduced.shape[0], vocab_size()), float("-inf"), dtype=reduced.dtype, device=reduced.device)
         return out.index_copy_(1, self.decoder.to_token[1:], reduced[:, 1:])
 

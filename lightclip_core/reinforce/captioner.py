@@ -24,8 +24,8 @@ from lightclip_core.data.transforms import image_transform
 from lightclip_core.models.open_clip_arch import LOCAL_DIR
 from lightclip_core.models.tokenizer import get_tokenizer
 from lightclip_core.reinforce.caption_decoder import TowerCaptioner, is_captioner_dir, load_captioner
-from lightclip_core.reinforce.teachers import TeacherLoadError, describe_spec, eval_transform, load_model, \
-    load_tokenizer, resolve_spec
+from lightclip_core.reinforce.teachers import (IMAGE_LAYOUT, TeacherLoadError, describe_spec, eval_transform,
+                                               load_model, load_tokenizer, resolve_spec)
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,19 @@ def sample_next(logits: torch.Tensor, top_p: float, temperature: float, generato
 
 def sample_sequences(next_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n: int,
                      device: torch.device, sot: int, eot: int, max_tokens: int, top_p: float, temperature: float,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """`[N, 1 + <= max_tokens]` token ids: start-of-text, then sampled tokens until end-of-text (rows that have
     finished are padded with end-of-text) or `max_tokens`. `next_logits(prefixes, rows)` gives the `[len(rows),
-    vocab]` logits of the next token of those rows."""
+    vocab]` logits of the next token of those rows; over a reduced vocabulary when `token_ids` maps its indices to
+    tokenizer ids."""
     out = torch.full((n, 1), sot, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=out.device)
     for _ in range(max_tokens):
         active = (~done).nonzero().squeeze(1)
         logits = next_logits(out[active], active)
         column = torch.full((n,), eot, dtype=torch.long, device=out.device)
-        column[active] = sample_next(logits, top_p, temperature, generator)
+        picked = sample_next(logits, top_p, temperature, generator)
+        column[active] = token_ids[picked] if token_ids is not None else picked
         out = torch.cat([out, column[:, None]], dim=1)
         done |= column == eot
         if bool(done.all()):
@@ -147,6 +149,7 @@ class Captioner:
     def _load_decoder(self, directory: Path) -> None:
         self.decoder_model, pp = load_captioner(directory, self.device)
         self.decoder_model.requires_grad_(False)
+        self.decoder_model.trunk.to(memory_format=IMAGE_LAYOUT)
         self.image_size = int(pp["size"])
         self.transform = image_transform(self.image_size, pp["mean"], pp["std"], pp["interpolation"])
         self.max_length = self.decoder_model.decoder.context_length
@@ -173,14 +176,18 @@ class Captioner:
         if steps < max_tokens:
             log.debug("max_tokens=%d cut to %d (the model's context length)", max_tokens, steps)
         n = images.shape[0] * num_captions
+        token_ids = None
         if self.decoder_model is not None:
-            memory = self.decoder_model.encode(images.to(self.device)).repeat_interleave(num_captions, dim=0)
-            step = lambda prefix, rows: self.decoder_model.next_logits(prefix, memory[rows])  # noqa: E731
+            memory = self.decoder_model.encode(images.to(self.device, memory_format=IMAGE_LAYOUT))
+            memory = memory.repeat_interleave(num_captions, dim=0)
+            step = lambda prefix, rows: self.decoder_model.next_reduced_logits(prefix, memory[rows])  # noqa: E731
+            token_ids = self.decoder_model.decoder.to_token
         else:
             latent, embs = self.model._encode_image(images.to(self.device))
             latent = latent.repeat_interleave(num_captions, dim=0)
             embs = embs.repeat_interleave(num_captions, dim=0)
             step = lambda prefix, rows: next_token_logits(self.model, prefix, latent[rows], embs[rows])  # noqa: E731
-        tokens = sample_sequences(step, n, self.device, self.sot, self.eot, steps, top_p, temperature, generator)
+        tokens = sample_sequences(step, n, self.device, self.sot, self.eot, steps, top_p, temperature, generator,
+                                  token_ids)
         texts = [self.decode(row) for row in tokens.cpu()]
         return [texts[i * num_captions:(i + 1) * num_captions] for i in range(images.shape[0])]

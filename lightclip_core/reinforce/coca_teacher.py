@@ -38,11 +38,13 @@ from lightclip_core.infra.sink import MetricSink
 from lightclip_core.infra.storage import atomic_path, write_json_atomic
 from lightclip_core.models.open_clip_arch import CONFIG_FILE, WEIGHTS_FILES
 from lightclip_core.models.timm_variants import dilated_name
-from lightclip_core.models.tokenizer import vocab_size
+from lightclip_core.models.tokenizer import trim_padding, vocab_size
 from lightclip_core.reinforce.caption_decoder import CaptionDecoder, TowerCaptioner, caption_vocabulary, \
     save_captioner
+from lightclip_core.reinforce.teachers import IMAGE_LAYOUT, encode_text
 from lightclip_core.reinforce.tower_pretrain import pretrain_tower
 from lightclip_core.train.data import PairDecoder, batches
+from lightclip_core.train.optim import adamw
 from lightclip_core.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -170,7 +172,7 @@ def build_optimizer(model: nn.Module, c: CocaTeacherConfig) -> torch.optim.AdamW
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": c.weight_decay},
               {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
+    return adamw(groups, lr=c.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
@@ -180,7 +182,8 @@ def _step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: to
         fmap = visual.trunk.forward_features(images)
         image_features = F.normalize(visual.head(visual.trunk.forward_head(fmap)), dim=-1)
         scale = model.logit_scale.exp()
-        clip_loss = loss_fn(image_features, model.encode_text(tokens, normalize=True), scale)
+        tokens = trim_padding(tokens)  # exact for the causal text tower and the decoder's masked loss
+        clip_loss = loss_fn(image_features, encode_text(model, tokens, normalize=True), scale)
         caption_loss = decoder.loss(tokens, decoder.memory_tokens(fmap))
         return weights[0] * clip_loss + weights[1] * caption_loss, clip_loss, caption_loss, scale
     out = model(images, tokens)
@@ -231,7 +234,8 @@ def _train_loop(model: nn.Module, c: CocaTeacherConfig, loader: torch.utils.data
         writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         for step, (_, batch) in enumerate(batches(loader, stream, c.steps), start=1):
-            loss, clip_loss, caption_loss, scale = _step(model, loss_fn, batch["images"].to(device),
+            images = batch["images"].to(device, memory_format=IMAGE_LAYOUT)
+            loss, clip_loss, caption_loss, scale = _step(model, loss_fn, images,
                                                          batch["tokens"].to(device), decoder,
                                                          (c.clip_loss_weight, c.caption_loss_weight))
             if not torch.isfinite(loss):
@@ -286,7 +290,7 @@ def train_coca_teacher(c: CocaTeacherConfig, train_dir: str | os.PathLike, out_d
     try:
         write_config(build, model_config(c), preprocess_config(c.image_size, mean, std))
         torch.manual_seed(c.seed)
-        model = create_from_dir(build, device)
+        model = create_from_dir(build, device).to(memory_format=IMAGE_LAYOUT)  # faster CNN steps on a CPU
         pretrained = {}
         if c.pretrain_steps:
             log.info("training the %s teacher %r's tower supervised on %s for %d steps", c.kind, name,

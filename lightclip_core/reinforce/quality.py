@@ -22,7 +22,7 @@ from lightclip_core.data.shards import decode_caption, decode_image, decode_meta
 from lightclip_core.data.skips import SkipTally
 from lightclip_core.evaluate.retrieval import retrieval_metrics
 from lightclip_core.reinforce.captioner import Captioner
-from lightclip_core.reinforce.teachers import Teacher
+from lightclip_core.reinforce.teachers import Teacher, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _encode_images(teacher: Teacher, images: Sequence, batch: int) -> torch.Tens
 
 @torch.inference_mode()
 def _encode_texts(teacher: Teacher, texts: Sequence[str], batch: int) -> torch.Tensor:
-    return torch.cat([F.normalize(teacher.model.encode_text(teacher.tokenizer(list(texts[i:i + batch]))
-                                                            .to(teacher.device)).float(), dim=-1)
+    return torch.cat([F.normalize(encode_text(teacher.model, teacher.tokenizer(list(texts[i:i + batch]))
+                                              .to(teacher.device)).float(), dim=-1)
                       for i in range(0, len(texts), batch)])
 
 

@@ -25,7 +25,9 @@ from lightclip_core.data.reader import decode_image, decode_meta
 from lightclip_core.data.shards import ShardStream, decoded, iter_raw_samples, shard_refs
 from lightclip_core.data.skips import SampleError, SkipTally
 from lightclip_core.data.transforms import image_transform
+from lightclip_core.reinforce.teachers import IMAGE_LAYOUT
 from lightclip_core.train.data import batches
+from lightclip_core.train.optim import adamw
 from lightclip_core.train.schedule import build_scheduler
 
 PRETRAIN_WEIGHT_DECAY = 0.05
@@ -84,14 +86,15 @@ def pretrain_tower(trunk: nn.Module, c: CocaTeacherConfig, train_dir: str | os.P
                          seed=c.seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=c.batch_size, drop_last=True)
     trained = nn.ModuleList([trunk, heads])
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=c.pretrain_lr, weight_decay=PRETRAIN_WEIGHT_DECAY)
+    optimizer = adamw(trained.parameters(), lr=c.pretrain_lr, weight_decay=PRETRAIN_WEIGHT_DECAY)
     scheduler = build_scheduler(optimizer, PRETRAIN_WARMUP, c.pretrain_steps, "constant")
     trained.train()
     started = time.perf_counter()
     tail: list[tuple[float, torch.Tensor]] = []
     for _, batch in tqdm(batches(loader, stream, c.pretrain_steps), total=c.pretrain_steps, desc="tower pretraining",
                          unit="step"):
-        images, labels = batch["images"].to(device), batch["labels"].to(device)
+        images = batch["images"].to(device, memory_format=IMAGE_LAYOUT)
+        labels = batch["labels"].to(device)
         features = trunk(images)
         logits = [head(features) for head in heads]
         loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))

@@ -60,6 +60,7 @@ from lightclip_core.train.checkpoint import (checkpoint_name, load_checkpoint, n
                                              prune_checkpoints, remove_partial_writes, save_checkpoint)
 from lightclip_core.train.data import (EXTRA_KEYS, DataPosition, StepBatches, local_batch_size, make_loader,
                                        ranks_skips, reinforcement_of)
+from lightclip_core.train.optim import adamw
 from lightclip_core.train.schedule import build_scheduler
 from lightclip_core.train.start import START_KEY, load_start, state_digest
 
@@ -114,7 +115,7 @@ def build_optimizer(model: nn.Module, cfg: Config, objectives: nn.Module | None 
             params = [p for n, p in named if n.startswith("visual.") == in_tower and (n not in skip) == decay]
             if params:
                 groups.append({"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": tower_lr})
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    return adamw(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
