@@ -109,9 +109,9 @@ def run_arm(arm: str, seed: int, work: Path) -> dict[str, float]:
         return json.loads(kept.read_text())
     stem = work / f"{arm}-seed{seed}-{key}"
     with tempfile.TemporaryDirectory() as tmp:
-        row = train_export_evaluate(cfg, Path(tmp), stem.with_suffix(".csv"))
+        row = train_export_evaluate(cfg, Path(tmp), stem.parent / f"{stem.name}.csv")
     row.update(arm=arm, seed=seed, overrides=ARMS[arm])
-    write_json_atomic(stem.with_suffix(".json"), row)
+    write_json_atomic(stem.parent / f"{stem.name}.json", row)  # not with_suffix: arm names hold dots (lam_0.5)
     print(f"done {arm} seed {seed}: " + ", ".join(f"{k} {100 * row[k]:.1f}" for k in METRICS), flush=True)
     return row
 
@@ -178,8 +178,8 @@ def main() -> None:
         sys.exit(f"no reinforced split at {TRAIN}, or no {VAL} or {TEST}: run `dvc repro reinforce` first")
     args.work.mkdir(parents=True, exist_ok=True)
     plan = {arm: list(args.seeds) for arm in dict.fromkeys(["default", *args.arms])}
-    for arm in args.screen:
-        plan.setdefault(arm, args.seeds[:1])
+    for arm in args.screen:  # collecting, a screen's kept run counts on whichever seed it was run
+        plan.setdefault(arm, list(args.seeds) if args.collect else args.seeds[:1])
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: an interrupted run still covers every arm
         for arm, seeds in plan.items():
