@@ -27,7 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import open_clip
 import timm
@@ -41,11 +42,11 @@ from common import ROOT, publish  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.shards import decode_image, iter_raw_samples, shard_refs  # noqa: E402
-from lightclip_core.models.tokenizer import vocab_size  # noqa: E402
 from lightclip_core.reinforce import captioner as captioner_module  # noqa: E402
 from lightclip_core.reinforce import coca_teacher as ct  # noqa: E402
 from lightclip_core.reinforce import teachers as teachers_module  # noqa: E402
 from lightclip_core.reinforce import tower_pretrain  # noqa: E402
+from lightclip_core.reinforce.caption_decoder import TowerCaptioner  # noqa: E402
 from lightclip_core.reinforce.reinforcement import ShardReinforcer, Timer, default_specs  # noqa: E402
 from lightclip_core.train import trainer  # noqa: E402
 
@@ -64,29 +65,25 @@ def _padded_encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool 
     return model.encode_text(tokens, normalize=normalize)
 
 
-def _full_vocabulary(sample_sequences: Callable) -> Callable:
-    """sample_sequences as it was: a reduced-vocabulary step scattered onto the tokenizer's ids, sampled there."""
+def _over_tokenizer_ids(sample_sequences: Callable) -> Callable:
+    """sample_sequences as it was called: over the tokenizer's ids (the captioner's step then gives them, see
+    Reinforce.patches), without a reduced vocabulary's mapping."""
     def stock(step, n, device, sot, eot, max_tokens, top_p, temperature, generator, token_ids=None):
-        if token_ids is None:
-            return sample_sequences(step, n, device, sot, eot, max_tokens, top_p, temperature, generator)
-
-        def full(prefix, rows):
-            reduced = step(prefix, rows)
-            out = torch.full((reduced.shape[0], vocab_size()), float("-inf"), dtype=reduced.dtype)
-            return out.index_copy_(1, token_ids[1:], reduced[:, 1:])
-        return sample_sequences(full, n, device, sot, eot, max_tokens, top_p, temperature, generator)
+        return sample_sequences(step, n, device, sot, eot, max_tokens, top_p, temperature, generator)
     return stock
 
 
 @contextlib.contextmanager
-def stock_code(models: list[nn.Module]) -> Iterator[None]:
-    """The code before the speed work: module attributes swapped back, `models` in channels-first layout."""
+def stock_code(models: list[nn.Module], own_patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """The code before the speed work: module attributes (and a part's `own_patches`) swapped back, `models` in
+    channels-first layout."""
     patches = [(m, "IMAGE_LAYOUT", torch.contiguous_format)
                for m in (teachers_module, captioner_module, ct, tower_pretrain)]
     patches += [(m, "adamw", _stock_adamw) for m in (ct, tower_pretrain, trainer)]
     patches += [(m, "encode_text", _padded_encode_text) for m in (teachers_module, ct)]
     patches += [(ct, "trim_padding", lambda tokens: tokens),
-                (captioner_module, "sample_sequences", _full_vocabulary(captioner_module.sample_sequences))]
+                (captioner_module, "sample_sequences", _over_tokenizer_ids(captioner_module.sample_sequences)),
+                *own_patches]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     for m, name, value in patches:
         setattr(m, name, value)
@@ -120,7 +117,7 @@ class TeacherPretrain:
         self.heads = nn.ModuleList(nn.Linear(self.trunk.num_features, k) for k in (6, 8, 2, 3))
         self.images = torch.randn(BATCH, 3, 64, 64)
         self.labels = torch.stack([torch.randint(0, k, (BATCH,)) for k in (6, 8, 2, 3)], dim=1)
-        self.models = [self.trunk]
+        self.models, self.patches = [self.trunk], []
 
     def run(self, repeats: int) -> list[float]:
         optimizer = tower_pretrain.adamw(nn.ModuleList([self.trunk, self.heads]).parameters(), lr=1e-4)
@@ -147,9 +144,9 @@ class TeacherClip:
         self.model.to(memory_format=torch.channels_last).train()
         self.model.visual.trunk.eval()
         self.decoder = ct.build_decoder(c, self.model, DATA)
-        loader, stream = ct._loader(c, DATA, cfg.model.image.mean, cfg.model.image.std, torch.device("cpu"))
+        loader, _ = ct._loader(c, DATA, cfg.model.image.mean, cfg.model.image.std, torch.device("cpu"))
         self.batch = next(iter(loader))
-        self.models = [self.model]
+        self.models, self.patches = [self.model], []
 
     def run(self, repeats: int) -> list[float]:
         trained = nn.ModuleDict({"model": self.model, "decoder": self.decoder})
@@ -180,6 +177,12 @@ class Reinforce:
                 break
         self.images = [decode_image(raw) for raw in self.raws]
         self.models = [t.model for t in self.ensemble.teachers] + [self.captioner.decoder_model.trunk]
+        # stock: each sampling step scores the tokenizer's 49408 ids, through TowerCaptioner.next_logits itself (on a
+        # view of the decoder whose next_reduced_logits is the unpatched one)
+        decoder = self.captioner.decoder_model
+        unpatched = SimpleNamespace(next_reduced_logits=decoder.next_reduced_logits, decoder=decoder.decoder)
+        self.patches = [(decoder, "next_reduced_logits",
+                         lambda prefix, memory: TowerCaptioner.next_logits(unpatched, prefix, memory))]
 
     def run(self, repeats: int) -> list[float]:
         return _timed(lambda: self.worker.chunk(self.raws, self.images, torch.Generator().manual_seed(0)), repeats)
@@ -192,6 +195,7 @@ class Train:
         self.cfg = load_config(ROOT / "params.yaml", [f"train.max_steps={steps}", "train.resume=false",
                                                       "train.checkpoint_every=100000", "tracking.enabled=false"])
         self.models: list[nn.Module] = []
+        self.patches: list = []
 
     def run(self, repeats: int) -> list[float]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +223,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, part in parts.items():
             for arm in (("stock", "current") if r % 2 == 0 else ("current", "stock")):
-                with stock_code(part.models) if arm == "stock" else contextlib.nullcontext():
+                with stock_code(part.models, part.patches) if arm == "stock" else contextlib.nullcontext():
                     times[name][arm] += part.run(args.repeats)
             print(f"round {r} {name}: " + ", ".join(f"{a} {statistics.median(t):.3f} s" for a, t in
                                                     times[name].items()), flush=True)

@@ -46,4 +46,3 @@ def test_a_single_tensor_adamw_checkpoint_resumes_in_the_fused_one():
 def test_a_parameter_off_the_fused_devices_falls_back():
     meta = nn.Parameter(torch.zeros(2, device="meta"))
     assert adamw([meta], lr=1e-3).defaults["fused"] is False
-
