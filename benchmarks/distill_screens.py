@@ -32,7 +32,8 @@ from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
 from lightclip_core.export.exporter import export  # noqa: E402
 from lightclip_core.infra.storage import write_json_atomic  # noqa: E402
-from lightclip_core.train.trainer import train  # noqa: E402
+from lightclip_core.train.checkpoint import list_checkpoints  # noqa: E402
+from lightclip_core.train.trainer import plan_steps, train  # noqa: E402
 
 TRAIN = ROOT / "artifacts" / "reinforced" / "train"
 TEST = ROOT / "artifacts" / "data" / "test"
@@ -52,6 +53,8 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "plain_clip": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
                    "objectives.mlm.enabled=false", "objectives.distill.enabled=false"],
     "lightclip_no_distill": ["objectives.distill.enabled=false"],
+    "distill_only": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+                     "objectives.mlm.enabled=false"],  # distillation without LightCLIP's three objectives
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
@@ -68,12 +71,28 @@ METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "attr_t2i_R@1": "retrieval_attribute/text_to_image/R@1"}
 LABELS = {"colour": "colour", "shape": "shape", "colour_shape": "colour+shape", "i2t_R@1": "strict i2t R@1",
           "t2i_R@1": "strict t2i R@1", "attr_i2t_R@1": "attribute i2t R@1", "attr_t2i_R@1": "attribute t2i R@1"}
-TITLE = "## Distillation screens, paired by seed (benchmarks/distill_screens.py)"
+CURVE_POINTS = 6  # issue #16: every arm is evaluated on the test split every sixth of training
 
 
-def arm_config(arm: str, seed: int):
+def views_key() -> str:
+    """The stored views the runs train on (the reinforced manifest): each views key has its own section."""
+    return hashlib.sha256((TRAIN / "manifest.json").read_bytes()).hexdigest()[:12]
+
+
+def title() -> str:
+    return f"## Distillation screens on stored views {views_key()}, paired by seed (benchmarks/distill_screens.py)"
+
+
+def arm_config(arm: str, seed: int, extra: tuple[str, ...] = ()):
     return load_config(ROOT / "params.yaml", [*ARMS[arm], f"train.seed={seed}", "tracking.enabled=false",
-                                              "export.onnx=false"])
+                                              "export.onnx=false", *extra])
+
+
+def curve_overrides(cfg) -> tuple[str, ...]:
+    """A step checkpoint every sixth of training, all kept (the trainer leaves checkpointing out of what decides a
+    run's outcome, so the run is the same as without)."""
+    total = plan_steps(cfg, json.loads((TRAIN / "manifest.json").read_text())["num_samples"])[1]
+    return f"train.checkpoint_every={math.ceil(total / CURVE_POINTS)}", f"train.keep_checkpoints={CURVE_POINTS}"
 
 
 def run_key(cfg) -> str:
@@ -88,9 +107,16 @@ def kept_run(work: Path, seed: int, key: str) -> Path | None:
     return next(iter(sorted(work.glob(f"*-seed{seed}-{key}.json"))), None)
 
 
+def test_scores(cfg, checkpoint: Path, out: Path) -> dict[str, float]:
+    exported = export(cfg, checkpoint, out / "export").out_dir
+    scores = evaluate(cfg, exported, TEST, out / "eval").metrics
+    return {key: scores[name] for key, name in METRICS.items()}
+
+
 def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
     """The product's train -> export on the reinforced split, then evaluate on the test split (METRICS) and on the
-    validation split (the same, prefixed `val_`: where choices are made); training's log is kept at `keep_log`."""
+    validation split (the same, prefixed `val_`: where choices are made); training's log is kept at `keep_log`.
+    `curve`: the test metrics at each step checkpoint, then at the end."""
     result = train(cfg, TRAIN, out / "train")
     shutil.copyfile(result.train_log, keep_log)
     exported = export(cfg, result.final_checkpoint, out / "export").out_dir
@@ -98,19 +124,31 @@ def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
     for prefix, split in (("", TEST), ("val_", VAL)):
         scores = evaluate(cfg, exported, split, out / f"eval-{split.name}", train_log=result.train_log).metrics
         row.update({prefix + key: scores[name] for key, name in METRICS.items()})
+    row["curve"] = [{"step": int(ckpt.stem.split("-")[1]), **test_scores(cfg, ckpt, out / ckpt.stem)}
+                    for ckpt in list_checkpoints(out / "train" / "checkpoints")]
+    row["curve"].append({"step": int(result.metrics["steps"]), **{key: row[key] for key in METRICS}})
     return row
 
 
-def run_arm(arm: str, seed: int, work: Path) -> dict[str, float]:
+def run_arm(arm: str, seed: int, work: Path, curve: bool) -> dict[str, float]:
+    """The arm's kept run, else a new one; `curve`: a kept run without a learning curve is run again for it, and
+    the new end metrics are checked against the kept ones (the largest difference is recorded)."""
     cfg = arm_config(arm, seed)
     key = run_key(cfg)
     kept = kept_run(work, seed, key)
-    if kept is not None:
-        return json.loads(kept.read_text())
-    stem = work / f"{arm}-seed{seed}-{key}"
+    old = json.loads(kept.read_text()) if kept is not None else None
+    if old is not None and (not curve or "curve" in old):
+        return old
+    stem = kept.parent / kept.name.removesuffix(".json") if kept is not None else work / f"{arm}-seed{seed}-{key}"
     with tempfile.TemporaryDirectory() as tmp:
-        row = train_export_evaluate(cfg, Path(tmp), stem.parent / f"{stem.name}.csv")
-    row.update(arm=arm, seed=seed, overrides=ARMS[arm])
+        row = train_export_evaluate(arm_config(arm, seed, curve_overrides(cfg)), Path(tmp),
+                                    stem.parent / f"{stem.name}.csv")
+    if old is not None:
+        row["rerun_max_abs_diff"] = max(abs(row[k] - old[k]) for k in METRICS)
+        print(f"rerun of {stem.name} for its curve: end metrics differ from the kept run by at most "
+              f"{100 * row['rerun_max_abs_diff']:.2f} points", flush=True)
+        row = {**old, **{k: v for k, v in row.items() if k in ("curve", "rerun_max_abs_diff")}}
+    row.update(arm=old["arm"] if old else arm, seed=seed, overrides=ARMS[arm])
     write_json_atomic(stem.parent / f"{stem.name}.json", row)  # not with_suffix: arm names hold dots (lam_0.5)
     print(f"done {arm} seed {seed}: " + ", ".join(f"{k} {100 * row[k]:.1f}" for k in METRICS), flush=True)
     return row
@@ -133,6 +171,66 @@ def compare(arm_rows: dict[int, dict], ref_rows: dict[int, dict]) -> dict[str, d
     return out
 
 
+def halfway_step(reference_curve: list[dict]) -> int:
+    """Issue #16's second headline point, declared before the runs: the checkpoint where plain CLIP's colour+shape
+    is nearest half of its end score (so that a gain is not hidden by saturation)."""
+    half = reference_curve[-1]["colour_shape"] / 2
+    return min(reference_curve[:-1], key=lambda p: (abs(p["colour_shape"] - half), p["step"]))["step"]
+
+
+def steps_to_reach(curve: list[dict], key: str, target: float) -> int | None:
+    """The first evaluated step whose `key` is at least `target`; None when the curve never gets there (then the
+    steps needed are more than its last step: a lower bound)."""
+    return next((p["step"] for p in curve if p[key] >= target), None)
+
+
+def curve_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Colour+shape on the test split at every sixth of training, per arm (mean over its seeds with a curve), and
+    the half-way point read off plain CLIP's curve."""
+    curves = {arm: [r["curve"] for r in rows.values() if "curve" in r] for arm, rows in runs.items()}
+    curves = {arm: c for arm, c in curves.items() if c}
+    if not curves:
+        return []
+    steps = [p["step"] for p in next(iter(curves.values()))[0]]
+    lines = ["", "Colour+shape (test) during training, mean over the seeds with a curve (`--curve`):", "",
+             "| arm | seeds | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for arm, cs in curves.items():
+        means = [100 * statistics.fmean(c[i]["colour_shape"] for c in cs) for i in range(len(steps))]
+        lines.append(f"| {arm} | {len(cs)} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    if "plain_clip" in curves:
+        plain = {seed: r["curve"] for seed, r in runs["plain_clip"].items() if "curve" in r}
+        notes = []
+        for seed, curve in plain.items():
+            half = halfway_step(curve)
+            pairs = [f"{arm} {100 * (point['colour_shape'] - ref['colour_shape']):+.1f}"
+                     for arm, rows in runs.items() if arm != "plain_clip" and "curve" in rows.get(seed, {})
+                     for point, ref in zip(rows[seed]["curve"], curve) if point["step"] == half]
+            at_half = next(p["colour_shape"] for p in curve if p["step"] == half)
+            notes.append(f"seed {seed}: step {half} (plain CLIP {100 * at_half:.1f}%): "
+                         + (", ".join(pairs) or "no other curve"))
+        lines += ["", "Half-way point (plain CLIP nearest half its end score) and each arm's colour+shape minus plain "
+                      "CLIP's there, by seed: " + "; ".join(notes) + "."]
+        reach = []
+        for arm, rows in runs.items():
+            for seed, r in rows.items():
+                if arm == "plain_clip" or seed not in plain:
+                    continue
+                steps = steps_to_reach(plain[seed], "colour_shape", r["colour_shape"])
+                end = plain[seed][-1]["step"]
+                # the other way round: the arm's steps to plain CLIP's end score (an upper bound when the arm is
+                # past it at its first checkpoint)
+                ahead = steps_to_reach(r.get("curve", []), "colour_shape", plain[seed][-1]["colour_shape"])
+                reach.append(f"{arm} seed {seed}: " + (f"{steps / end:.2f}x (step {steps})" if steps else
+                                                       f"> 1x (not within its {end} steps)")
+                             + (f", and it reaches plain CLIP's end score by step {ahead}, "
+                                + ("at least " if ahead == r["curve"][0]["step"] else "") + f"{end / ahead:.1f}x sooner"
+                                if ahead else ""))
+        lines += ["", "Learning efficiency, the steps plain CLIP needs to reach the arm's end colour+shape (read off "
+                      "its curve) over the arm's steps; a curve that never gets there gives a lower bound: "
+                      + "; ".join(reach) + "."]
+    return lines
+
+
 def cell(entry: dict[str, float], reference: bool) -> str:
     text = f"{entry['mean']:.1f} ± {entry['sd']:.1f}"
     if reference:
@@ -145,7 +243,7 @@ def cell(entry: dict[str, float], reference: bool) -> str:
 
 def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seeds: list[int]) -> None:
     keys = list(METRICS)
-    lines = [TITLE, "",
+    lines = [title(), "",
              "The default recipe (`params.yaml`) against one change at a time, on the stored views in "
              "`artifacts/reinforced/train` when the runs were made (their key is in each kept run's file name: views "
              f"differ between machines), test split, seeds {', '.join(map(str, seeds))} (the same views and data "
@@ -162,6 +260,7 @@ def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seed
         lines.append(f"| {arm} | {overrides} | {len(rows)} | " + " | ".join(cells) + f" | {wall:.0f} s |")
     lines += ["", "Paired differences to `default` by seed, colour+shape: " + "; ".join(
         f"{arm} {table[arm]['colour_shape']['paired']}" for arm in runs if arm != "default") + "."]
+    lines += curve_lines(runs)
     replace_section("\n".join(lines) + "\n")
 
 
@@ -172,6 +271,8 @@ def main() -> None:
     parser.add_argument("--screen", nargs="+", default=[], choices=list(ARMS),
                         help="arms run on the first seed only (one-seed screens)")
     parser.add_argument("--collect", action="store_true", help="publish the kept runs without training more")
+    parser.add_argument("--curve", action="store_true",
+                        help="run kept runs without a learning curve again for it (checked against the kept end)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "distill-runs")
     args = parser.parse_args()
     if not all((split / "manifest.json").exists() for split in (TRAIN, VAL, TEST)):
@@ -191,7 +292,7 @@ def main() -> None:
                     continue
                 runs.setdefault(arm, {})[seed] = json.loads(kept.read_text())
             else:
-                runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args.work)
+                runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args.work, args.curve)
     if "default" not in runs:
         sys.exit("no kept run of the default: nothing to compare with")
     table = {arm: compare(rows, runs["default"]) for arm, rows in runs.items()}
@@ -200,7 +301,7 @@ def main() -> None:
     ref = table["default"]["colour_shape"]["mean"]
     command = ("python benchmarks/distill_screens.py --arms " + " ".join(plan) + " --seeds "
                + " ".join(map(str, args.seeds)) + (" --screen " + " ".join(args.screen) if args.screen else ""))
-    publish("distill_screens", {"seeds": args.seeds, "runs": {a: {str(s): r for s, r in rows.items()}
+    publish(f"distill_screens_{views_key()}", {"seeds": args.seeds, "runs": {a: {str(s): r for s, r in rows.items()}
                                                              for a, rows in runs.items()}, "table": table},
             measured=f"best arm {best}: colour+shape {table[best]['colour_shape']['mean']:.1f}%",
             reference=f"default: colour+shape {ref:.1f}%", ratio=table[best]["colour_shape"]["mean"] / ref,

@@ -56,3 +56,48 @@ def test_a_kept_run_is_found_under_any_arm_name(reinforced, tmp_path) -> None:
     assert ds.kept_run(tmp_path, 1, key) is not None
     assert ds.kept_run(tmp_path, 0, key) is None
     assert ds.kept_run(tmp_path, 1, ds.run_key(ds.arm_config("default", 1))) is None
+
+
+def test_the_learning_curve_leaves_the_run_as_it_is(reinforced) -> None:
+    """The curve's checkpoints change nothing the trainer counts as deciding the run (its resume fingerprint)."""
+    from lightclip_core.train.trainer import train_fingerprint
+    reinforced.write_text('{"num_samples": 20000, "shards": [{"url": "s.tar", "num_samples": 20000}]}')
+    plain = ds.arm_config("default", 0)
+    curved = ds.arm_config("default", 0, ds.curve_overrides(plain))
+    manifest = {"shards": [{"url": "s.tar", "num_samples": 20000}]}
+    assert train_fingerprint(curved, manifest, 1) == train_fingerprint(plain, manifest, 1)
+    assert curved.train.checkpoint_every * (ds.CURVE_POINTS - 1) < 468 <= curved.train.checkpoint_every * ds.CURVE_POINTS
+    assert curved.train.keep_checkpoints >= ds.CURVE_POINTS - 1
+
+
+def test_each_set_of_stored_views_has_its_own_section(reinforced) -> None:
+    first = ds.title()
+    reinforced.write_text('{"samples": 2}')
+    assert ds.title() != first and ds.views_key() in ds.title()
+
+
+def curve(scores: list[float]) -> list[dict]:
+    return [{"step": 78 * (i + 1), "colour_shape": v / 100} for i, v in enumerate(scores)]
+
+
+def test_the_half_way_point_is_where_plain_clip_is_nearest_half_its_end() -> None:
+    scores = [2.0, 6.0, 9.5, 13.0, 18.0, 22.0]
+    brute = min(range(5), key=lambda i: abs(scores[i] - scores[-1] / 2))
+    assert ds.halfway_step(curve(scores)) == 78 * (brute + 1) == 234
+
+
+def test_steps_to_reach_is_the_first_step_at_or_above_the_target() -> None:
+    c = curve([10.0, 40.0, 70.0, 90.0, 96.0, 97.0])
+    assert ds.steps_to_reach(c, "colour_shape", 0.70) == 234
+    assert ds.steps_to_reach(c, "colour_shape", 0.965) == 468
+    assert ds.steps_to_reach(c, "colour_shape", 0.98) is None
+
+
+def test_the_curve_section_reads_the_half_way_point_and_both_efficiencies_off_the_curves() -> None:
+    arm, plain = curve([40.0, 65.0, 83.0, 93.0, 95.7, 96.5]), curve([12.0, 18.0, 22.0, 23.7, 22.8, 22.3])
+    runs = {"default": {0: {"curve": arm, "colour_shape": 0.965}},
+            "plain_clip": {0: {"curve": plain, "colour_shape": 0.223}}}
+    text = "\n".join(ds.curve_lines(runs))
+    assert "step 78 (plain CLIP 12.0%): default +28.0" in text  # 11.15% is half the end: step 78 is nearest
+    assert "default seed 0: > 1x (not within its 468 steps)" in text
+    assert "by step 78, at least 6.0x sooner" in text
