@@ -66,7 +66,8 @@ def test_the_learning_curve_leaves_the_run_as_it_is(reinforced) -> None:
     curved = ds.arm_config("default", 0, ds.curve_overrides(plain))
     manifest = {"shards": [{"url": "s.tar", "num_samples": 20000}]}
     assert train_fingerprint(curved, manifest, 1) == train_fingerprint(plain, manifest, 1)
-    assert curved.train.checkpoint_every * (ds.CURVE_POINTS - 1) < 468 <= curved.train.checkpoint_every * ds.CURVE_POINTS
+    every = curved.train.checkpoint_every
+    assert every * (ds.CURVE_POINTS - 1) < 468 <= every * ds.CURVE_POINTS
     assert curved.train.keep_checkpoints >= ds.CURVE_POINTS - 1
 
 
