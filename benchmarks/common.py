@@ -34,6 +34,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}{gpu}, torch {torch.__version__}"
 
 
+def train_step_times(cfg, train_dir: Path) -> list[float]:
+    """Seconds per step of a short run of the product's training (batch / samples per second of its log), the first
+    two steps left out; in a scratch directory."""
+    import csv
+    import tempfile
+
+    from lightclip_core.train.trainer import train
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(cfg, train_dir, Path(tmp) / "train")
+        with open(result.train_log) as f:
+            rows = list(csv.DictReader(f))
+    return [cfg.train.batch_size / float(r["samples_per_s"]) for r in rows[2:]]
+
+
 def median_after_warmup(values: list[float], warmup: int) -> float:
     return statistics.median(values[warmup:] if len(values) > warmup else values)
 

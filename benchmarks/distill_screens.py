@@ -107,10 +107,14 @@ def kept_run(work: Path, seed: int, key: str) -> Path | None:
     return next(iter(sorted(work.glob(f"*-seed{seed}-{key}.json"))), None)
 
 
+def metric_row(scores: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """METRICS out of an evaluation's metrics, under their short names (with `prefix`)."""
+    return {prefix + key: scores[name] for key, name in METRICS.items()}
+
+
 def test_scores(cfg, checkpoint: Path, out: Path) -> dict[str, float]:
     exported = export(cfg, checkpoint, out / "export").out_dir
-    scores = evaluate(cfg, exported, TEST, out / "eval").metrics
-    return {key: scores[name] for key, name in METRICS.items()}
+    return metric_row(evaluate(cfg, exported, TEST, out / "eval").metrics)
 
 
 def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
@@ -122,8 +126,8 @@ def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
     exported = export(cfg, result.final_checkpoint, out / "export").out_dir
     row = {"wall_time_s": result.metrics["wall_time_s"]}
     for prefix, split in (("", TEST), ("val_", VAL)):
-        scores = evaluate(cfg, exported, split, out / f"eval-{split.name}", train_log=result.train_log).metrics
-        row.update({prefix + key: scores[name] for key, name in METRICS.items()})
+        row.update(metric_row(evaluate(cfg, exported, split, out / f"eval-{split.name}",
+                                       train_log=result.train_log).metrics, prefix))
     row["curve"] = [{"step": int(ckpt.stem.split("-")[1]), **test_scores(cfg, ckpt, out / ckpt.stem)}
                     for ckpt in list_checkpoints(out / "train" / "checkpoints")]
     row["curve"].append({"step": int(result.metrics["steps"]), **{key: row[key] for key in METRICS}})

@@ -12,17 +12,14 @@ steps of every run left out; the figure is each arm's median over all rounds. Th
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_screens  # noqa: E402
-from common import publish  # noqa: E402
+from common import publish, train_step_times  # noqa: E402
 
-from lightclip_core.train.trainer import train  # noqa: E402
 
 ARMS = ("plain_clip", "lightclip_no_distill", "distill_only", "default")
 PAIRS = {"objectives_over_clip": ("lightclip_no_distill", "plain_clip"),
@@ -33,11 +30,7 @@ PAIRS = {"objectives_over_clip": ("lightclip_no_distill", "plain_clip"),
 def step_times(arm: str, steps: int) -> list[float]:
     cfg = distill_screens.arm_config(arm, 0, (f"train.max_steps={steps}", "train.resume=false",
                                               "train.checkpoint_every=100000"))
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(cfg, distill_screens.TRAIN, Path(tmp) / "train")
-        with open(result.train_log) as f:
-            rows = list(csv.DictReader(f))
-    return [cfg.train.batch_size / float(r["samples_per_s"]) for r in rows[2:]]
+    return train_step_times(cfg, distill_screens.TRAIN)
 
 
 def main() -> None:

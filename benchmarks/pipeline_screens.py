@@ -77,7 +77,7 @@ def run_stages(cfg, changes_data: bool, work: Path) -> dict:
     for prefix, split in (("", "test"), ("val_", "val")):
         scores = timed(f"evaluate_{split}", run_evaluate, model=work / "export", data=data / split,
                        out=work / f"eval-{split}").metrics
-        row.update({prefix + key: scores[name] for key, name in distill_screens.METRICS.items()})
+        row.update(distill_screens.metric_row(scores, prefix))
     seconds["evaluate"] = seconds.pop("evaluate_test")  # the pipeline evaluates the test split only
     seconds.pop("evaluate_val")
     return row

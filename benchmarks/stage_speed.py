@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, publish  # noqa: E402
+from common import ROOT, publish, train_step_times  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.data.shards import decode_image, iter_raw_samples, shard_refs  # noqa: E402
@@ -198,11 +197,7 @@ class Train:
         self.patches: list = []
 
     def run(self, repeats: int) -> list[float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = trainer.train(self.cfg, REINFORCED, Path(tmp) / "train")
-            with open(result.train_log) as f:
-                rows = list(csv.DictReader(f))
-        return [BATCH / float(r["samples_per_s"]) for r in rows[2:]]
+        return train_step_times(self.cfg, REINFORCED)
 
 
 def main() -> None:

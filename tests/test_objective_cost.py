@@ -14,15 +14,9 @@ import objective_cost  # noqa: E402
 OBJECTIVES = {"objectives.contrastive.soft_targets", "objectives.token.enabled", "objectives.mlm.enabled"}
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
 
 def differing(a: str, b: str) -> set[str]:
-    x, y = (flat(distill_screens.arm_config(arm, 0).model_dump(mode="json")) for arm in (a, b))
+    x, y = (distill_screens.arm_config(arm, 0).flat() for arm in (a, b))
     return {k for k in x if x[k] != y[k]}
 
 

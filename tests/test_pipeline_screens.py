@@ -14,17 +14,11 @@ import pipeline_screens as ps  # noqa: E402
 from lightclip_core.config import load_config  # noqa: E402
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
 
 @pytest.mark.parametrize("arm", list(ps.ARMS))
 def test_an_arm_changes_exactly_its_overrides(arm) -> None:
-    default = flat(load_config(ROOT / "params.yaml", ["tracking.enabled=false"]).model_dump(mode="json"))
-    changed = flat(ps.arm_config(arm).model_dump(mode="json"))
+    default = load_config(ROOT / "params.yaml", ["tracking.enabled=false"]).flat()
+    changed = ps.arm_config(arm).flat()
     differs = {k for k in default if default[k] != changed[k]}
     assert differs == {o.split("=")[0] for o in ps.ARMS[arm]}
     assert ps.run_key(ps.arm_config(arm)) != ps.run_key(load_config(ROOT / "params.yaml", ["tracking.enabled=false"]))
