@@ -165,14 +165,22 @@ def compare(arm_rows: dict[int, dict], ref_rows: dict[int, dict]) -> dict[str, d
     for key in METRICS:
         a = [100 * r[key] for r in arm_rows.values()]
         b = [100 * r[key] for r in ref_rows.values()]
-        entry = {"mean": statistics.fmean(a), "sd": statistics.stdev(a) if len(a) > 1 else 0.0,
-                 "diff": statistics.fmean(a) - statistics.fmean(b),
+        diff, se = welch(a, b)
+        entry = {"mean": statistics.fmean(a), "sd": statistics.stdev(a) if len(a) > 1 else 0.0, "diff": diff,
                  "paired": [round(100 * (arm_rows[s][key] - ref_rows[s][key]), 2)
                             for s in sorted(arm_rows) if s in ref_rows]}
-        if len(a) > 1 and len(b) > 1:
-            entry["welch_se"] = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        if se is not None:
+            entry["welch_se"] = se
         out[key] = entry
     return out
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """The difference of the means and its Welch standard error (None unless both sides have two values)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    return diff, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
 
 
 def halfway_step(reference_curve: list[dict]) -> int:
@@ -235,6 +243,54 @@ def curve_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+# issue #16's verdicts, declared before the three-seed runs: (arm, reference, what it tests, where it is read, the
+# least colour+shape gain in points); a gain holds when it is at least that and more than twice its Welch SE
+HEADLINE = (("distill_only", "plain_clip", "item 1: distillation over plain CLIP", "half-way", 3.0),
+            ("default", "plain_clip", "item 1: the default's distillation over plain CLIP", "half-way", 3.0),
+            ("lightclip_no_distill", "plain_clip", "item 2: LightCLIP's objectives over plain CLIP", "end", 2.0),
+            ("default", "distill_only", "item 3: the objectives on top of distillation", "end", 0.0))
+
+
+def halfway_scores(runs: dict[str, dict[int, dict]], arm: str) -> list[float]:
+    """The arm's colour+shape (points) at each seed's half-way step, for the seeds where it and plain CLIP have a
+    curve."""
+    plain = {seed: r["curve"] for seed, r in runs.get("plain_clip", {}).items() if "curve" in r}
+    return [100 * next(p["colour_shape"] for p in r["curve"] if p["step"] == halfway_step(plain[seed]))
+            for seed, r in runs.get(arm, {}).items() if seed in plain and "curve" in r]
+
+
+def difference(d: tuple[float, float | None] | None) -> str:
+    return "-" if d is None else f"{d[0]:+.1f}" + ("" if d[1] is None else f" ({d[1]:.1f} SE)")
+
+
+def headline_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Issue #16's headline comparisons (HEADLINE) on colour+shape, over the seeds each arm has: the difference at
+    the half-way point and at the end, each with its Welch SE, and whether the item's gain holds."""
+    lines = []
+    for arm, ref, what, point, least in HEADLINE:
+        if arm not in runs or ref not in runs:
+            continue
+        end = welch([100 * r["colour_shape"] for r in runs[arm].values()],
+                    [100 * r["colour_shape"] for r in runs[ref].values()])
+        arm_half, ref_half = halfway_scores(runs, arm), halfway_scores(runs, ref)
+        half = welch(arm_half, ref_half) if arm_half and ref_half else None
+        read = end if point == "end" else half
+        if read is None or read[1] is None:
+            verdict = "no verdict (one seed)"
+        else:
+            holds = read[0] >= least and read[0] > 2 * read[1]
+            verdict = f"{'holds' if holds else 'missed'} (needs >= {least:g} points and > 2 SE at the {point})"
+            if point == "half-way" and end[1] is not None and end[0] < -2 * end[1]:
+                verdict += ", but worse at the end"
+        lines.append(f"| {what} | {arm} - {ref} | {len(runs[arm])} / {len(runs[ref])} | {difference(half)} | "
+                     f"{difference(end)} | {verdict} |")
+    if not lines:
+        return []
+    return ["", "Issue #16's verdicts on colour+shape (test), differences in points with their Welch SE, the half-way "
+                "step read off each seed's plain CLIP curve:", "",
+            "| what | arms | seeds | half-way | end | verdict |", "|---|---|---|---|---|---|", *lines]
+
+
 def cell(entry: dict[str, float], reference: bool) -> str:
     text = f"{entry['mean']:.1f} ± {entry['sd']:.1f}"
     if reference:
@@ -264,7 +320,7 @@ def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seed
         lines.append(f"| {arm} | {overrides} | {len(rows)} | " + " | ".join(cells) + f" | {wall:.0f} s |")
     lines += ["", "Paired differences to `default` by seed, colour+shape: " + "; ".join(
         f"{arm} {table[arm]['colour_shape']['paired']}" for arm in runs if arm != "default") + "."]
-    lines += curve_lines(runs)
+    lines += curve_lines(runs) + headline_lines(runs)
     replace_section("\n".join(lines) + "\n")
 
 

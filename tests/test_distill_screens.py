@@ -102,3 +102,42 @@ def test_the_curve_section_reads_the_half_way_point_and_both_efficiencies_off_th
     assert "step 78 (plain CLIP 12.0%): default +28.0" in text  # 11.15% is half the end: step 78 is nearest
     assert "default seed 0: > 1x (not within its 468 steps)" in text
     assert "by step 78, at least 6.0x sooner" in text
+
+
+def headline_rows(ends: dict[str, list[float]]) -> dict[str, str]:
+    """The verdict rows for arms whose curves share plain CLIP's shape but start and end at the given scores."""
+    runs = {arm: {s: {"curve": curve([first, 18.0, 22.0, 23.7, 22.8, end]), "colour_shape": end / 100}
+                  for s, (first, end) in enumerate(scores)} for arm, scores in ends.items()}
+    return {line.split(" | ")[1]: line for line in ds.headline_lines(runs) if line.startswith("| item")}
+
+
+def test_the_headline_verdicts_apply_issue_16s_thresholds_to_welchs_test() -> None:
+    """Item 1 (distillation) needs >= 3 points and > 2 SE at plain CLIP's half-way step, item 2 (the objectives)
+    >= 2 points and > 2 SE at the end; the SE is scipy's Welch."""
+    plain = [(12.0, 22.0), (13.0, 23.0), (14.0, 24.0)]
+    rows = headline_rows({"plain_clip": plain, "distill_only": [(40.0, 96.0), (42.0, 97.0), (44.0, 98.0)],
+                          "lightclip_no_distill": [(12.0, 23.0), (12.0, 25.5), (12.0, 28.0)]})
+    half = stats.ttest_ind([40.0, 42.0, 44.0], [12.0, 13.0, 14.0], equal_var=False)
+    assert f"| +29.0 ({29.0 / half.statistic:.1f} SE) |" in rows["distill_only - plain_clip"]
+    assert "| holds" in rows["distill_only - plain_clip"]
+    end = stats.ttest_ind([23.0, 25.5, 28.0], [22.0, 23.0, 24.0], equal_var=False)
+    assert 2.5 / end.statistic < 2  # 2.5 points, but not twice its standard error
+    assert f"| +2.5 ({2.5 / end.statistic:.1f} SE) | missed" in rows["lightclip_no_distill - plain_clip"]
+    assert len(rows) == 2  # the default's rows need its runs
+    steady = headline_rows({"plain_clip": plain, "lightclip_no_distill": [(12.0, 24.5), (12.0, 25.0), (12.0, 25.5)]})
+    assert "| holds" in steady["lightclip_no_distill - plain_clip"]
+    small = headline_rows({"plain_clip": plain, "lightclip_no_distill": [(12.0, 24.4), (12.0, 24.5), (12.0, 24.6)]})
+    assert "| missed" in small["lightclip_no_distill - plain_clip"]  # 1.5 points: many SE, under 2 points
+
+
+def test_a_rewritten_section_keeps_its_neighbours_apart_and_rewriting_it_again_changes_nothing(tmp_path,
+                                                                                               monkeypatch) -> None:
+    import common
+    table = tmp_path / "BENCHMARKS.md"
+    table.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nb\n")
+    monkeypatch.setattr(common, "TABLE", table)
+    common.replace_section("## A\n\nnew a\n")
+    assert table.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nb\n"
+    common.replace_section("## A\n\nnew a\n")
+    common.replace_section("## C\n\nc\n")
+    assert table.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nb\n\n## C\n\nc\n"
