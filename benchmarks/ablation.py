@@ -46,7 +46,7 @@ from lightclip_core.train.trainer import plan_steps, train  # noqa: E402
 _ONLY_CLIP = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
               "objectives.mlm.enabled=false"]
 _NO_DISTILL = ["objectives.distill.enabled=false"]  # the ablations train on the plain split, not the reinforced one
-CONFIGS: dict[str, list[str]] = {  # overrides of params.yaml, whose default trains all three objectives
+CONFIGS: dict[str, list[str]] = {  # overrides of params.yaml, each spelling out the three objectives it trains
     "clip": _ONLY_CLIP,
     "soft_constant": _ONLY_CLIP[1:] + ["objectives.contrastive.soft_targets=uniform",
                                        "objectives.contrastive.eps_schedule=constant"],
@@ -57,7 +57,8 @@ CONFIGS: dict[str, list[str]] = {  # overrides of params.yaml, whose default tra
     "token_max": [_ONLY_CLIP[0], _ONLY_CLIP[2], "objectives.token.enabled=true", "objectives.token.matcher=max"],
     "mlm_no_fusion": _ONLY_CLIP[:2] + ["objectives.mlm.enabled=true", "objectives.mlm.fusion=[]"],
     "mlm_fusion": _ONLY_CLIP[:2] + ["objectives.mlm.enabled=true"],
-    "all": [],
+    "all": ["objectives.contrastive.soft_targets=uniform", "objectives.token.enabled=true",
+            "objectives.mlm.enabled=true"],
 }
 # issue #20: the instance-level loss replaced, or ALBEF's image-text matching added, each against plain CLIP
 _SIGMOID = ["objectives.contrastive.loss=sigmoid", "model.init_logit_bias=-10", "model.init_logit_scale=2.3026"]

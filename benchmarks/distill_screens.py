@@ -38,6 +38,8 @@ from lightclip_core.train.trainer import plan_steps, train  # noqa: E402
 TRAIN = ROOT / "artifacts" / "reinforced" / "train"
 TEST = ROOT / "artifacts" / "data" / "test"
 VAL = ROOT / "artifacts" / "data" / "val"
+LIGHTCLIP = ["objectives.contrastive.soft_targets=uniform", "objectives.token.enabled=true",
+             "objectives.mlm.enabled=true"]  # LightCLIP's three objectives, as params.yaml sets them up
 ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "default": [],
     "kd_only": ["objectives.distill.feature_weight=0"],
@@ -49,12 +51,15 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "teacher_scale_100": ["objectives.distill.teacher_scales=[100]"],
     "lam_0.75": ["objectives.distill.lam=0.75"],
     "lam_0.5": ["objectives.distill.lam=0.5"],
-    # issue #16's reference arms on the same stored views: CLIP alone, and LightCLIP's objectives without distillation
+    # issue #16's headline arms on the same stored views, spelled out so that each names the same run whatever the
+    # default is: CLIP alone, LightCLIP's three objectives without and with distillation, distillation alone (the
+    # default since the three seeds of 2026-12-07)
     "plain_clip": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
                    "objectives.mlm.enabled=false", "objectives.distill.enabled=false"],
-    "lightclip_no_distill": ["objectives.distill.enabled=false"],
+    "lightclip_no_distill": [*LIGHTCLIP, "objectives.distill.enabled=false"],
+    "lightclip_distill": [*LIGHTCLIP, "objectives.distill.enabled=true"],  # the default until 2026-12-07
     "distill_only": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-                     "objectives.mlm.enabled=false"],  # distillation without LightCLIP's three objectives
+                     "objectives.mlm.enabled=false", "objectives.distill.enabled=true"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
@@ -185,9 +190,14 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float | None]:
 
 def halfway_step(reference_curve: list[dict]) -> int:
     """Issue #16's second headline point, declared before the runs: the checkpoint where plain CLIP's colour+shape
-    is nearest half of its end score (so that a gain is not hidden by saturation)."""
+    is nearest half of its end score (so that a gain is not hidden by saturation). Mended after plain CLIP's seed 1:
+    the nearest among the checkpoints up to the first one at or above that half, so that on a curve that is flat
+    from its first checkpoint (plain CLIP learns colour at once and never shape) it is the first checkpoint, not
+    whichever later one noise put lowest."""
     half = reference_curve[-1]["colour_shape"] / 2
-    return min(reference_curve[:-1], key=lambda p: (abs(p["colour_shape"] - half), p["step"]))["step"]
+    inner = reference_curve[:-1]
+    reached = next((i for i, p in enumerate(inner) if p["colour_shape"] >= half), len(inner) - 1)
+    return min(inner[:reached + 1], key=lambda p: (abs(p["colour_shape"] - half), p["step"]))["step"]
 
 
 def steps_to_reach(curve: list[dict], key: str, target: float) -> int | None:
@@ -243,12 +253,13 @@ def curve_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
-# issue #16's verdicts, declared before the three-seed runs: (arm, reference, what it tests, where it is read, the
-# least colour+shape gain in points); a gain holds when it is at least that and more than twice its Welch SE
+# issue #16's verdicts, their thresholds declared before the three-seed runs (a922940; the arms renamed since for the
+# new default): (arm, reference, what it tests, where it is read, the least colour+shape gain in points); a gain
+# holds when it is at least that and more than twice its Welch SE
 HEADLINE = (("distill_only", "plain_clip", "item 1: distillation over plain CLIP", "half-way", 3.0),
-            ("default", "plain_clip", "item 1: the default's distillation over plain CLIP", "half-way", 3.0),
             ("lightclip_no_distill", "plain_clip", "item 2: LightCLIP's objectives over plain CLIP", "end", 2.0),
-            ("default", "distill_only", "item 3: the objectives on top of distillation", "end", 0.0))
+            ("lightclip_distill", "distill_only", "item 3: the objectives on top of distillation", "end", 0.0),
+            ("lightclip_distill", "plain_clip", "item 3: both over plain CLIP", "half-way", 3.0))
 
 
 def halfway_scores(runs: dict[str, dict[int, dict]], arm: str) -> list[float]:
@@ -260,7 +271,8 @@ def halfway_scores(runs: dict[str, dict[int, dict]], arm: str) -> list[float]:
 
 
 def difference(d: tuple[float, float | None] | None) -> str:
-    return "-" if d is None else f"{d[0]:+.1f}" + ("" if d[1] is None else f" ({d[1]:.1f} SE)")
+    """A difference and how many Welch standard errors it is, as the table's cells show it."""
+    return "-" if d is None else f"{d[0]:+.1f}" + ("" if not d[1] else f" ({abs(d[0]) / d[1]:.1f} SE)")
 
 
 def headline_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
@@ -301,7 +313,17 @@ def cell(entry: dict[str, float], reference: bool) -> str:
     return f"{text}, {'**' + diff + '**' if significant else diff}"
 
 
-def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seeds: list[int]) -> None:
+def default_aliases(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """The default's runs under the name of each HEADLINE arm that is the default (the same resolved configuration:
+    `distill_only` since 2026-12-07), for the verdicts."""
+    default = arm_config("default", 0).model_dump()
+    return {arm: runs["default"] for arm in {a for row in HEADLINE for a in row[:2]}
+            if arm not in runs and arm_config(arm, 0).model_dump() == default}
+
+
+def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seeds: list[int],
+                  headline_runs: dict[str, dict[int, dict]]) -> None:
+    """The section of these stored views; `headline_runs`: `runs` with the default also under its HEADLINE names."""
     keys = list(METRICS)
     lines = [title(), "",
              "The default recipe (`params.yaml`) against one change at a time, on the stored views in "
@@ -320,7 +342,7 @@ def write_section(runs: dict[str, dict[int, dict]], table: dict[str, dict], seed
         lines.append(f"| {arm} | {overrides} | {len(rows)} | " + " | ".join(cells) + f" | {wall:.0f} s |")
     lines += ["", "Paired differences to `default` by seed, colour+shape: " + "; ".join(
         f"{arm} {table[arm]['colour_shape']['paired']}" for arm in runs if arm != "default") + "."]
-    lines += curve_lines(runs) + headline_lines(runs)
+    lines += curve_lines(runs) + headline_lines(headline_runs)
     replace_section("\n".join(lines) + "\n")
 
 
@@ -356,7 +378,7 @@ def main() -> None:
     if "default" not in runs:
         sys.exit("no kept run of the default: nothing to compare with")
     table = {arm: compare(rows, runs["default"]) for arm, rows in runs.items()}
-    write_section(runs, table, args.seeds)
+    write_section(runs, table, args.seeds, {**default_aliases(runs), **runs})
     best = max(runs, key=lambda arm: table[arm]["colour_shape"]["mean"])
     ref = table["default"]["colour_shape"]["mean"]
     command = ("python benchmarks/distill_screens.py --arms " + " ".join(plan) + " --seeds "

@@ -87,6 +87,13 @@ def test_the_half_way_point_is_where_plain_clip_is_nearest_half_its_end() -> Non
     assert ds.halfway_step(curve(scores)) == 78 * (brute + 1) == 234
 
 
+
+def test_on_a_flat_curve_the_half_way_point_is_the_first_checkpoint() -> None:
+    """Plain CLIP learns colour by its first checkpoint and never shape: every checkpoint is above half its end, and
+    the lowest (step 234 here) is noise, not a half-way point."""
+    assert ds.halfway_step(curve([21.1, 21.0, 20.2, 22.0, 21.0, 20.3])) == 78
+    assert ds.halfway_step(curve([1.0, 1.5, 2.0, 2.5, 3.0, 40.0])) == 390  # never half before the end: the last one
+
 def test_steps_to_reach_is_the_first_step_at_or_above_the_target() -> None:
     c = curve([10.0, 40.0, 70.0, 90.0, 96.0, 97.0])
     assert ds.steps_to_reach(c, "colour_shape", 0.70) == 234
@@ -118,12 +125,12 @@ def test_the_headline_verdicts_apply_issue_16s_thresholds_to_welchs_test() -> No
     rows = headline_rows({"plain_clip": plain, "distill_only": [(40.0, 96.0), (42.0, 97.0), (44.0, 98.0)],
                           "lightclip_no_distill": [(12.0, 23.0), (12.0, 25.5), (12.0, 28.0)]})
     half = stats.ttest_ind([40.0, 42.0, 44.0], [12.0, 13.0, 14.0], equal_var=False)
-    assert f"| +29.0 ({29.0 / half.statistic:.1f} SE) |" in rows["distill_only - plain_clip"]
+    assert f"| +29.0 ({half.statistic:.1f} SE) |" in rows["distill_only - plain_clip"]
     assert "| holds" in rows["distill_only - plain_clip"]
     end = stats.ttest_ind([23.0, 25.5, 28.0], [22.0, 23.0, 24.0], equal_var=False)
-    assert 2.5 / end.statistic < 2  # 2.5 points, but not twice its standard error
-    assert f"| +2.5 ({2.5 / end.statistic:.1f} SE) | missed" in rows["lightclip_no_distill - plain_clip"]
-    assert len(rows) == 2  # the default's rows need its runs
+    assert end.statistic < 2  # 2.5 points, but not twice its standard error
+    assert f"| +2.5 ({end.statistic:.1f} SE) | missed" in rows["lightclip_no_distill - plain_clip"]
+    assert len(rows) == 2  # the combined arm's rows need its runs
     steady = headline_rows({"plain_clip": plain, "lightclip_no_distill": [(12.0, 24.5), (12.0, 25.0), (12.0, 25.5)]})
     assert "| holds" in steady["lightclip_no_distill - plain_clip"]
     small = headline_rows({"plain_clip": plain, "lightclip_no_distill": [(12.0, 24.4), (12.0, 24.5), (12.0, 24.6)]})
@@ -141,3 +148,13 @@ def test_a_rewritten_section_keeps_its_neighbours_apart_and_rewriting_it_again_c
     common.replace_section("## A\n\nnew a\n")
     common.replace_section("## C\n\nc\n")
     assert table.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nb\n\n## C\n\nc\n"
+
+
+
+def test_the_verdicts_read_the_default_under_each_headline_name_whose_configuration_it_is() -> None:
+    default = {0: {"colour_shape": 0.97}}
+    aliases = ds.default_aliases({"default": default})
+    same = {arm for row in ds.HEADLINE for arm in row[:2]
+            if ds.arm_config(arm, 0).model_dump() == ds.arm_config("default", 0).model_dump()}
+    assert set(aliases) == same and all(rows is default for rows in aliases.values())
+    assert ds.default_aliases({"default": default, **{arm: {} for arm in same}}) == {}  # a run of its own wins
