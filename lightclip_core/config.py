@@ -140,7 +140,7 @@ class ContrastiveObjectiveConfig(Section):
                                "sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias)")
     margin: float = Field(0.2, gt=0.0, le=2.0, description="the hinges' margin on the cosine similarity")
     soft_targets: Literal["none", "uniform", "similarity"] = Field(
-        "uniform", description="uniform: eps/(N-1) on every negative; similarity: eps * softmax of a detached "
+        "none", description="uniform: eps/(N-1) on every negative; similarity: eps * softmax of a detached "
                                "similarity over the negatives")
     eps_schedule: Literal["constant", "linear", "cosine"] = "linear"
     eps_start: float = Field(0.0, ge=0.0, lt=1.0)
@@ -161,7 +161,7 @@ class ContrastiveObjectiveConfig(Section):
 class TokenObjectiveConfig(Section):
     """Token level: words matched to patches by a (relaxed) bipartite assignment (LightCLIP 1.2)."""
 
-    enabled: bool = True
+    enabled: bool = False
     weight: float = Field(1.0, gt=0)
     image_stride: int = Field(16, ge=1, description="the image-tower stage whose map gives the patches (its stride)")
     matcher: Literal["hungarian", "max"] = Field("hungarian", description="max: each word its best patch (FILIP)")
@@ -180,7 +180,7 @@ class FusionPoint(Section):
 class MLMObjectiveConfig(Section):
     """Masked language modelling on a second text pass fused with image stage maps (LightCLIP 1.3)."""
 
-    enabled: bool = True
+    enabled: bool = False
     weight: float = Field(1.0, gt=0)
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
     fusion: list[FusionPoint] = Field(

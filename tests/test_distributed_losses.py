@@ -54,9 +54,9 @@ SIMILARITY = {"soft_targets": "similarity", "similarity_source": "online", "eps_
               "eps_schedule": "constant", "similarity_temperature": 0.5}
 EMA = {**SIMILARITY, "similarity_source": "ema", "ema_momentum": 0.9}
 # stride 8 at 32 px: 16 patches, so that captions match different numbers of words (a data-dependent count)
-TOKEN = {"image_stride": 8, "matcher": "hungarian", "loss": "softmax", "weight": 2.0}
+TOKEN = {"enabled": True, "image_stride": 8, "matcher": "hungarian", "loss": "softmax", "weight": 2.0}
 # fraction 3/8 of 8 pairs reads global indices 0, 2, 5: two pairs on rank 0, one on rank 1
-MLM = {"mask_prob": 0.4, "batch_fraction": 0.375, "weight": 1.5,
+MLM = {"enabled": True, "mask_prob": 0.4, "batch_fraction": 0.375, "weight": 1.5,
        "fusion": [{"text_layer": 0, "image_stride": 8}, {"text_layer": 1, "image_stride": 16},
                   {"text_layer": 2, "image_stride": 32}]}
 DISTILL = {"lam": 0.5, "caption_batches": "both", "weight": 0.7}

@@ -31,7 +31,7 @@ MODEL = {"embed_dim": 16, "image": {"tower": "mobilenetv2_050", "size": 32},
 # mobilenetv2_050 at 32 px: stride 8 -> 16 channels (4x4), stride 16 -> 48 (2x2), stride 32 -> 160 (1x1)
 FUSION = [(0, 8), (1, 16), (2, 32)]
 OFF = {"enabled": False}
-MLM = {"mask_prob": 0.4, "batch_fraction": 1.0, "weight": 1.5,
+MLM = {"enabled": True, "mask_prob": 0.4, "batch_fraction": 1.0, "weight": 1.5,
        "fusion": [{"text_layer": layer, "image_stride": stride} for layer, stride in FUSION]}
 ITM = {"enabled": True, "negatives": "hard", "weight": 0.7}
 # a repeated caption (indices 0 and 5): a pair with an identical caption matches, so it is never a negative

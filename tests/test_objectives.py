@@ -35,8 +35,8 @@ OBJECTIVES = {
     "distill": {"enabled": False},  # plain shards here; distillation is tested in test_distill.py / test_reinforce.py
     "contrastive": {"weight": 0.5, "soft_targets": "uniform", "eps_schedule": "linear", "eps_start": 0.05,
                     "eps_end": 0.2},
-    "token": {"weight": 2.0, "image_stride": 16},
-    "mlm": {"weight": 1.5, "mask_prob": 0.15, "causal": False, "batch_fraction": 1.0,
+    "token": {"enabled": True, "weight": 2.0, "image_stride": 16},
+    "mlm": {"enabled": True, "weight": 1.5, "mask_prob": 0.15, "causal": False, "batch_fraction": 1.0,
             "fusion": [{"text_layer": layer, "image_stride": stride} for layer, stride in FUSION]},
 }
 TINY = {

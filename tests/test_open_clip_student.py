@@ -196,7 +196,8 @@ def test_padding_is_trimmed_only_where_that_leaves_the_embedding_as_it_is(kind, 
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_every_objective_trains_the_open_clip_student(kind, tmp_path):
     cfg = config({"model": f"local-dir:{write_architecture(tmp_path / 'a', kind)}"},
-                 objectives={"contrastive": {"soft_targets": "uniform"}, "itm": {"enabled": True},
+                 objectives={"contrastive": {"soft_targets": "uniform"}, "token": {"enabled": True},
+                             "mlm": {"enabled": True}, "itm": {"enabled": True},
                              "distill": {"enabled": True}})
     torch.manual_seed(0)
     student = build_model(cfg.model)
@@ -320,7 +321,8 @@ def test_mobileclip2_s0_trains_with_every_objective_and_exports_folded(tmp_path)
     blocks, matches the student, and open_clip loads it back as a local-dir."""
     from lightclip_core.train.checkpoint import save_checkpoint
 
-    cfg = config({"model": "MobileCLIP2-S0"}, objectives={"token": {"image_stride": 32}, "itm": {"enabled": True},
+    cfg = config({"model": "MobileCLIP2-S0"}, objectives={"token": {"enabled": True, "image_stride": 32},
+                                                          "mlm": {"enabled": True}, "itm": {"enabled": True},
                                                           "distill": {"enabled": True}},
                  export={"onnx": False, "parity_batch": 2})
     assert (cfg.model.embed_dim, cfg.model.image.size, cfg.model.text.layers, cfg.model.text.causal) == (512, 256, 12,

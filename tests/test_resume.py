@@ -33,7 +33,8 @@ PARAMS = {
     "model": {"embed_dim": 32, "image": {"tower": "mobilenetv2_050", "size": 32},
               "text": {"context_length": 24, "width": 32, "heads": 2, "layers": 2}},
     "objectives": {"contrastive": {"soft_targets": "similarity", "similarity_source": "ema"},  # EMA state too
-                   "mlm": {"fusion": [{"text_layer": 0, "image_stride": 8}]},  # random masks: RNG state
+                   "token": {"enabled": True},
+                   "mlm": {"enabled": True, "fusion": [{"text_layer": 0, "image_stride": 8}]},  # random masks: RNG state
                    "distill": {"enabled": False}},
     "train": {"batch_size": 32, "max_steps": STEPS, "warmup_steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
               "workers": 0, "shuffle_buffer": 32, "threads": 1},

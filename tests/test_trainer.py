@@ -25,7 +25,9 @@ TINY = {
     "data": {"samples_per_shard": 64, "synthetic": {"num_train": 256, "num_val": 8, "num_test": 8, "image_size": 32}},
     "model": {"embed_dim": 32, "image": {"tower": "mobilenetv2_050", "size": 32},
               "text": {"context_length": 24, "width": 32, "heads": 2, "layers": 2}},
-    "objectives": {"mlm": {"fusion": [{"text_layer": 0, "image_stride": 8}, {"text_layer": 1, "image_stride": 32}]},
+    "objectives": {"contrastive": {"soft_targets": "uniform"}, "token": {"enabled": True},  # LightCLIP's three
+                   "mlm": {"enabled": True,
+                           "fusion": [{"text_layer": 0, "image_stride": 8}, {"text_layer": 1, "image_stride": 32}]},
                    "distill": {"enabled": False}},
     "train": {"batch_size": 32, "max_steps": 8, "warmup_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 2,
               "workers": 0, "shuffle_buffer": 64, "threads": 1},
