@@ -140,8 +140,8 @@ class ContrastiveObjectiveConfig(Section):
                                "sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias)")
     margin: float = Field(0.2, gt=0.0, le=2.0, description="the hinges' margin on the cosine similarity")
     soft_targets: Literal["none", "uniform", "similarity"] = Field(
-        "none", description="uniform: eps/(N-1) on every negative; similarity: eps * softmax of a detached "
-                               "similarity over the negatives")
+        "none", description="none: CLIP's one-hot targets; uniform: eps/(N-1) on every negative; similarity: eps * "
+                            "softmax of a detached similarity over the negatives")
     eps_schedule: Literal["constant", "linear", "cosine"] = "linear"
     eps_start: float = Field(0.0, ge=0.0, lt=1.0)
     eps_end: float = Field(0.2, ge=0.0, lt=1.0)

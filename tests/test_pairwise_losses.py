@@ -243,7 +243,8 @@ def test_config_a_bias_needs_the_sigmoid_loss():
 
 def test_config_soft_targets_need_infonce():
     with pytest.raises(ConfigError, match="soft_targets='uniform'.*max_violation"):
-        load_config(PARAMS, ["objectives.contrastive.loss=max_violation", "objectives.contrastive.soft_targets=uniform"])
+        load_config(PARAMS, ["objectives.contrastive.loss=max_violation",
+                             "objectives.contrastive.soft_targets=uniform"])
     with pytest.raises(ValidationError, match="softens InfoNCE"):
         Config.model_validate({"objectives": {"contrastive": {"loss": "sum_hinge", "soft_targets": "similarity"}}})
 

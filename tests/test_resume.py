@@ -34,7 +34,8 @@ PARAMS = {
               "text": {"context_length": 24, "width": 32, "heads": 2, "layers": 2}},
     "objectives": {"contrastive": {"soft_targets": "similarity", "similarity_source": "ema"},  # EMA state too
                    "token": {"enabled": True},
-                   "mlm": {"enabled": True, "fusion": [{"text_layer": 0, "image_stride": 8}]},  # random masks: RNG state
+                   # random masks: RNG state
+                   "mlm": {"enabled": True, "fusion": [{"text_layer": 0, "image_stride": 8}]},
                    "distill": {"enabled": False}},
     "train": {"batch_size": 32, "max_steps": STEPS, "warmup_steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
               "workers": 0, "shuffle_buffer": 32, "threads": 1},
