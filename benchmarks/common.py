@@ -34,6 +34,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}{gpu}, torch {torch.__version__}"
 
 
+def config_key(cfg, *extra: bytes) -> str:
+    """12 hex digits of a hash of the resolved configuration (and `extra`, e.g. the stored views' manifest): what
+    names a kept benchmark run, so that a changed default or changed views never reuse an old one."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    for part in extra:
+        digest.update(part)
+    return digest.hexdigest()[:12]
+
+
 def train_step_times(cfg, train_dir: Path) -> list[float]:
     """Seconds per step of a short run of the product's training (batch / samples per second of its log), the first
     two steps left out; in a scratch directory."""

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, publish, replace_section  # noqa: E402
+from common import ROOT, config_key, publish, replace_section  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.evaluate.evaluation import evaluate  # noqa: E402
@@ -102,9 +102,7 @@ def curve_overrides(cfg) -> tuple[str, ...]:
 
 def run_key(cfg) -> str:
     """What decides a run's outcome: the resolved configuration and the stored views it trains on."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update((TRAIN / "manifest.json").read_bytes())
-    return digest.hexdigest()[:12]
+    return config_key(cfg, (TRAIN / "manifest.json").read_bytes())
 
 
 def kept_run(work: Path, seed: int, key: str) -> Path | None:

@@ -15,7 +15,6 @@ One arm at a time (on 2 cores two trainings at once each take 4x longer). A fini
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_screens  # noqa: E402
-from common import ROOT, publish, replace_section  # noqa: E402
+from common import ROOT, config_key, publish, replace_section  # noqa: E402
 
 from lightclip_core.config import load_config  # noqa: E402
 from lightclip_core.infra.storage import write_json_atomic  # noqa: E402
@@ -51,7 +50,8 @@ def arm_config(arm: str):
 
 
 def run_key(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    """An arm's key: its resolved configuration only (it rebuilds its own teacher and views)."""
+    return config_key(cfg)
 
 
 def run_stages(cfg, changes_data: bool, work: Path) -> dict:
