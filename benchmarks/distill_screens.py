@@ -60,6 +60,9 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "lightclip_distill": [*LIGHTCLIP, "objectives.distill.enabled=true"],  # the default until 2026-12-07
     "distill_only": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
                      "objectives.mlm.enabled=false", "objectives.distill.enabled=true"],
+    # issue #16's learning efficiency: plain CLIP's curve run to 3x the default's step budget (its own schedule)
+    "plain_clip_3x": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+                      "objectives.mlm.enabled=false", "objectives.distill.enabled=false", "train.epochs=9.0"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
@@ -77,6 +80,11 @@ METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
 LABELS = {"colour": "colour", "shape": "shape", "colour_shape": "colour+shape", "i2t_R@1": "strict i2t R@1",
           "t2i_R@1": "strict t2i R@1", "attr_i2t_R@1": "attribute i2t R@1", "attr_t2i_R@1": "attribute t2i R@1"}
 CURVE_POINTS = 6  # issue #16: every arm is evaluated on the test split every sixth of training
+# The distillation loss's form, part of a distilled run's key: since issue #16's one instance-level term (2026-12-07)
+# the contrastive section is CLIP's part of (1 - lam) * CLIP + lam * KD, no longer a separate term beside it, so the
+# same configuration trains another loss. Runs without distillation train what they did and keep their keys.
+FORMULATION = b"one instance-level term"
+LONG_ARMS = {"plain_clip_3x": 3}  # arms run to a multiple of the default's budget: their curve has other steps
 
 
 def views_key() -> str:
@@ -85,7 +93,8 @@ def views_key() -> str:
 
 
 def title() -> str:
-    return f"## Distillation screens on stored views {views_key()}, paired by seed (benchmarks/distill_screens.py)"
+    return (f"## Distillation screens on stored views {views_key()}, one instance-level term, paired by seed "
+            f"(benchmarks/distill_screens.py)")
 
 
 def arm_config(arm: str, seed: int, extra: tuple[str, ...] = ()):
@@ -101,8 +110,10 @@ def curve_overrides(cfg) -> tuple[str, ...]:
 
 
 def run_key(cfg) -> str:
-    """What decides a run's outcome: the resolved configuration and the stored views it trains on."""
-    return config_key(cfg, (TRAIN / "manifest.json").read_bytes())
+    """What decides a run's outcome: the resolved configuration, the stored views it trains on and, when it distils,
+    the loss's form (FORMULATION)."""
+    return config_key(cfg, (TRAIN / "manifest.json").read_bytes(),
+                      *((FORMULATION,) if cfg.objectives.distill.enabled else ()))
 
 
 def kept_run(work: Path, seed: int, key: str) -> Path | None:
@@ -207,7 +218,8 @@ def steps_to_reach(curve: list[dict], key: str, target: float) -> int | None:
 def curve_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
     """Colour+shape on the test split at every sixth of training, per arm (mean over its seeds with a curve), and
     the half-way point read off plain CLIP's curve."""
-    curves = {arm: [r["curve"] for r in rows.values() if "curve" in r] for arm, rows in runs.items()}
+    curves = {arm: [r["curve"] for r in rows.values() if "curve" in r] for arm, rows in runs.items()
+              if arm not in LONG_ARMS}
     curves = {arm: c for arm, c in curves.items() if c}
     if not curves:
         return []
@@ -223,32 +235,52 @@ def curve_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
         for seed, curve in plain.items():
             half = halfway_step(curve)
             pairs = [f"{arm} {100 * (point['colour_shape'] - ref['colour_shape']):+.1f}"
-                     for arm, rows in runs.items() if arm != "plain_clip" and "curve" in rows.get(seed, {})
+                     for arm, rows in runs.items()
+                     if arm not in ("plain_clip", *LONG_ARMS) and "curve" in rows.get(seed, {})
                      for point, ref in zip(rows[seed]["curve"], curve) if point["step"] == half]
             at_half = next(p["colour_shape"] for p in curve if p["step"] == half)
             notes.append(f"seed {seed}: step {half} (plain CLIP {100 * at_half:.1f}%): "
                          + (", ".join(pairs) or "no other curve"))
         lines += ["", "Half-way point (plain CLIP nearest half its end score) and each arm's colour+shape minus plain "
                       "CLIP's there, by seed: " + "; ".join(notes) + "."]
-        reach = []
-        for arm, rows in runs.items():
-            for seed, r in rows.items():
-                if arm == "plain_clip" or seed not in plain:
-                    continue
-                steps = steps_to_reach(plain[seed], "colour_shape", r["colour_shape"])
-                end = plain[seed][-1]["step"]
-                # the other way round: the arm's steps to plain CLIP's end score (an upper bound when the arm is
-                # past it at its first checkpoint)
-                ahead = steps_to_reach(r.get("curve", []), "colour_shape", plain[seed][-1]["colour_shape"])
-                reach.append(f"{arm} seed {seed}: " + (f"{steps / end:.2f}x (step {steps})" if steps else
-                                                       f"> 1x (not within its {end} steps)")
-                             + (f", and it reaches plain CLIP's end score by step {ahead}, "
-                                + ("at least " if ahead == r["curve"][0]["step"] else "") + f"{end / ahead:.1f}x sooner"
-                                if ahead else ""))
-        lines += ["", "Learning efficiency, the steps plain CLIP needs to reach the arm's end colour+shape (read off "
-                      "its curve) over the arm's steps; a curve that never gets there gives a lower bound: "
-                      + "; ".join(reach) + "."]
+        lines += efficiency_lines(runs, plain)
     return lines
+
+
+def efficiency_lines(runs: dict[str, dict[int, dict]], plain: dict[int, list[dict]]) -> list[str]:
+    """Issue #16's learning efficiency per distilled run: the steps plain CLIP needs to reach the run's end
+    colour+shape over the run's steps, read off plain CLIP's curve run to 3x the budget (`plain_clip_3x`) where the
+    seed has one, else off its curve at the budget; a curve that never gets there gives a lower bound. And the other
+    way round: the step by which the run passes plain CLIP's end score."""
+    long = {seed: r["curve"] for seed, r in runs.get("plain_clip_3x", {}).items() if "curve" in r}
+    reach, bounds = [], []
+    for arm, rows in runs.items():
+        if arm in ("plain_clip", "lightclip_no_distill", *LONG_ARMS):
+            continue
+        for seed, r in rows.items():
+            if seed not in plain or "curve" not in r:
+                continue
+            budget = r["curve"][-1]["step"]
+            reference = long.get(seed, plain[seed])
+            needed = steps_to_reach(reference, "colour_shape", r["colour_shape"])
+            ratio = needed / budget if needed else reference[-1]["step"] / budget
+            bounds.append((ratio, needed is None))
+            ahead = steps_to_reach(r["curve"], "colour_shape", plain[seed][-1]["colour_shape"])
+            reach.append(f"{arm} seed {seed}: " + (f"{ratio:.2f}x (plain CLIP reaches it at step {needed})" if needed
+                                                   else f"> {ratio:.0f}x (plain CLIP's curve to step "
+                                                        f"{reference[-1]['step']} never reaches it)")
+                         + (f"; it passes plain CLIP's end score by step {ahead}" if ahead else ""))
+    if not reach:
+        return []
+    least, bound = min(bounds)
+    verdict = ("Item 1's learning efficiency (>= 2x): "
+               + (f"holds on every run (at least {least:.1f}x)" if least >= 2 else
+                  f"not shown (a lower bound of {least:.1f}x: plain CLIP's curve is too short)" if bound else
+                  f"missed ({least:.2f}x)"))
+    return ["", "Learning efficiency, the steps plain CLIP needs to reach the run's end colour+shape over the run's "
+                "steps, read off plain CLIP's curve run to 3x the budget (`plain_clip_3x`, its own schedule) where the "
+                "seed has one, else off its curve at the budget (a curve that never gets there gives a lower bound): "
+            + "; ".join(reach) + f". {verdict}."]
 
 
 # issue #16's verdicts, their thresholds declared before the three-seed runs (a922940; the arms renamed since for the

@@ -54,7 +54,8 @@ _STUDENT = ["objectives.token.enabled=false", "objectives.mlm.enabled=false", "t
             "export.onnx=false"]
 STUDENTS = {  # overrides of params.yaml
     "plain": [*_STUDENT, "objectives.contrastive.soft_targets=none", "objectives.distill.enabled=false"],
-    "reinforced": [*_STUDENT, "objectives.contrastive.enabled=false"],
+    # distillation's one instance-level term, (1 - lam) * CLIP + lam * KD: the variants' lam weighs CLIP's InfoNCE
+    "reinforced": [*_STUDENT, "objectives.contrastive.soft_targets=none"],
 }
 VARIANTS = {
     "both_lam1.0": ["objectives.distill.lam=1.0", "objectives.distill.caption_batches=both"],

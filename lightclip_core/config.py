@@ -131,7 +131,8 @@ class TrainConfig(Section):
 
 # --------------------------------------------------------------------------------------------- objectives
 class ContrastiveObjectiveConfig(Section):
-    """Instance level: CLIP's loss over the batch, with softened targets for the negatives (LightCLIP 1.1)."""
+    """Instance level: CLIP's loss over the batch, with softened targets for the negatives (LightCLIP 1.1). With
+    distillation on, it is CLIP's part of the distillation loss on each caption batch, weighted by 1 - lam."""
 
     enabled: bool = True
     weight: float = Field(1.0, gt=0)
@@ -209,7 +210,8 @@ class DistillObjectiveConfig(Section):
 
     enabled: bool = Field(True, description="needs a reinforced training split (`lightclip reinforce`)")
     weight: float = Field(1.0, gt=0)
-    lam: float = Field(1.0, ge=0.0, le=1.0, description="L = (1 - lam) * CLIP + lam * KD per caption batch")
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="L = (1 - lam) * CLIP + lam * KD per caption batch, CLIP "
+                                                        "being objectives.contrastive's loss (the one instance term)")
     caption_batches: Literal["both", "real", "synthetic"] = Field(
         "both", description="both: L(real captions) + L(synthetic captions) over the same image features")
     teacher_scales: list[float] | None = Field(
@@ -239,6 +241,21 @@ class ObjectivesConfig(Section):
                 or self.distill.enabled):
             raise ValueError("every objective is disabled; enable at least one of contrastive, token, mlm, itm, "
                              "distill")
+        return self
+
+    @model_validator(mode="after")
+    def _one_instance_term(self) -> ObjectivesConfig:
+        """With distillation on, the contrastive section is CLIP's part of `(1 - lam) * CLIP + lam * KD`."""
+        if not self.distill.enabled:
+            return self
+        if self.distill.lam < 1.0 and not self.contrastive.enabled:
+            raise ValueError(f"objectives.distill.lam={self.distill.lam} weights CLIP's part of the distillation loss "
+                             f"by 1 - lam, and objectives.contrastive.enabled=false turns that part off: set lam to 1 "
+                             f"or enable the contrastive objective")
+        if self.contrastive.enabled and self.contrastive.weight != 1.0:
+            raise ValueError(f"objectives.contrastive.weight={self.contrastive.weight}: with distillation on, CLIP's "
+                             f"loss is part of the distillation loss, weighted by 1 - objectives.distill.lam; leave "
+                             f"the weight at 1")
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from scipy.special import log_softmax, softmax
 from lightclip_core.config import Config
 from lightclip_core.losses import StepContext, contrastive_loss
 from lightclip_core.losses.distill import DistillationObjective, distillation_kd, mobileclip_loss, teacher_probabilities
+from lightclip_core.losses.instance import ContrastiveObjective
 from lightclip_core.models import build_model
 from lightclip_core.models.tokenizer import tokenize, trim_padding
 
@@ -126,6 +127,58 @@ def test_caption_batches_both_is_real_plus_synthetic(setup):
     assert [k for k in both if k.endswith("_loss")] == ["distill_loss"]
     real_terms = DistillationObjective(DIMS, SCALES, caption_batches="real")(out, ctx)
     assert sorted(real_terms) == ["distill_clip_real", "distill_kd_real", "distill_loss"]
+
+
+def reference_soft_clip(image: torch.Tensor, text: torch.Tensor, scale: float, eps: float) -> float:
+    """LightCLIP's uniformly softened InfoNCE in float64: targets (1 - eps) on the pair, eps / (n - 1) elsewhere."""
+    logits = scale * image.detach().double().numpy() @ text.detach().double().numpy().T
+    n = len(logits)
+    targets = np.full((n, n), eps / (n - 1))
+    np.fill_diagonal(targets, 1 - eps)
+    return float(0.5 * (-(targets * log_softmax(logits, axis=1)).sum(1).mean()
+                        - (targets * log_softmax(logits.T, axis=1)).sum(1).mean()))
+
+
+def test_one_instance_term_takes_the_contrastive_objectives_targets(setup):
+    """Issue #16: with a contrastive objective, CLIP's part of L(B) on each caption batch is its (softened) loss:
+    total = (1 - lam) * [soft(real) + soft(syn)] + lam * [KD(real) + KD(syn)], against a float64 reference; at
+    lam = 1 the CLIP part carries no gradient."""
+    model, ctx, out = setup
+    image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    syn = model.encode_text(trim_padding(ctx.extras["syn_tokens"]), normalize=True)
+    eps = 0.3
+    clip = ContrastiveObjective("uniform", "constant", eps_end=eps)
+    terms = DistillationObjective(DIMS, SCALES, lam=0.25, clip=clip)(out, ctx)
+    with torch.no_grad():
+        kd = (distillation_kd(image, text, scale, ctx.extras["teacher_image_emb"], ctx.extras["teacher_text_emb"],
+                              DIMS, SCALES)
+              + distillation_kd(image, syn, scale, ctx.extras["teacher_image_emb"],
+                                ctx.extras["teacher_syn_text_emb"], DIMS, SCALES))
+    soft = {tag: reference_soft_clip(image, t, scale.item(), eps) for tag, t in (("real", text), ("syn", syn))}
+    assert abs(soft["real"] - ClipLoss()(image, text, scale).item()) > 1e-3  # the softened loss, not CLIP's own
+    assert terms["distill_clip_real"].item() == pytest.approx(soft["real"], abs=1e-5)
+    assert terms["distill_clip_syn"].item() == pytest.approx(soft["syn"], abs=1e-5)
+    assert terms["soft_eps"] == eps and [k for k in terms if k.endswith("_loss")] == ["distill_loss"]
+    assert terms["distill_loss"].item() == pytest.approx(0.75 * sum(soft.values()) + 0.25 * kd.item(), abs=1e-5)
+    kd_only = DistillationObjective(DIMS, SCALES, lam=1.0, clip=clip)(out, ctx)
+    assert kd_only["distill_loss"].item() == pytest.approx(kd.item(), abs=1e-5)
+    assert not kd_only["distill_clip_real"].requires_grad and kd_only["distill_loss"].requires_grad
+
+
+def test_the_synthetic_batchs_ema_similarity_reads_its_own_captions(setup):
+    """With EMA similarity targets, each caption batch's softened targets come from the EMA model on that batch's
+    captions: while the EMA copy equals the model (at the start), that is the model's own similarity on the batch."""
+    model, ctx, out = setup
+    clip = ContrastiveObjective("similarity", "constant", eps_end=0.4, ema_of=model)
+    objective = DistillationObjective(DIMS, SCALES, lam=0.0, caption_batches="synthetic", clip=clip)
+    with torch.no_grad():
+        got = objective(out, ctx)["distill_clip_syn"]
+        syn = model.encode_text(trim_padding(ctx.extras["syn_tokens"]), normalize=True)
+        own = ContrastiveObjective("similarity", "constant", eps_end=0.4)({**out, "text_features": syn}, ctx)
+        real_targets = clip({**out, "text_features": syn}, ctx)  # the EMA on the real captions: other targets
+    torch.testing.assert_close(got, own["contrastive_loss"], rtol=0, atol=1e-5)
+    assert abs(real_targets["contrastive_loss"] - got) > 1e-3
+    assert not any(p.requires_grad for p in objective.parameters())  # the EMA copy is frozen
 
 
 def test_one_hot_teacher_reduces_kd_to_clip():

@@ -46,6 +46,12 @@ def test_the_run_key_follows_the_configuration_and_the_stored_views(reinforced) 
     assert ds.run_key(ds.arm_config("default", 0)) == default
     assert ds.run_key(ds.arm_config("default", 1)) != default
     assert ds.run_key(ds.arm_config("kd_only", 0)) != default
+    # a distilled run's key names the loss's form (the one instance-level term since 2026-12-07); one without
+    # distillation trains what it did and keeps its key
+    views = reinforced.read_bytes()
+    assert default != ds.config_key(ds.arm_config("default", 0), views)
+    plain = ds.arm_config("plain_clip", 0)
+    assert ds.run_key(plain) == ds.config_key(plain, views)
     reinforced.write_text('{"samples": 2}')
     assert ds.run_key(ds.arm_config("default", 0)) != default
 
@@ -107,8 +113,28 @@ def test_the_curve_section_reads_the_half_way_point_and_both_efficiencies_off_th
             "plain_clip": {0: {"curve": plain, "colour_shape": 0.223}}}
     text = "\n".join(ds.curve_lines(runs))
     assert "step 78 (plain CLIP 12.0%): default +28.0" in text  # 11.15% is half the end: step 78 is nearest
-    assert "default seed 0: > 1x (not within its 468 steps)" in text
-    assert "by step 78, at least 6.0x sooner" in text
+    assert "default seed 0: > 1x (plain CLIP's curve to step 468 never reaches it); it passes plain CLIP's end " \
+           "score by step 78" in text
+    assert "not shown (a lower bound of 1.0x" in text
+
+
+def test_the_learning_efficiency_is_read_off_plain_clips_curve_to_three_times_the_budget() -> None:
+    """With `plain_clip_3x` (checkpoints every 234 steps to 1404), the steps it needs over the run's 468; a curve
+    that never gets there is a lower bound of 3x, which meets issue #16's 2x."""
+    arm, plain = curve([40.0, 65.0, 83.0, 93.0, 95.7, 96.5]), curve([12.0, 18.0, 22.0, 23.7, 22.8, 22.3])
+    long = [{"step": 234 * (i + 1), "colour_shape": v / 100} for i, v in enumerate([20, 30, 50, 70, 90, 97])]
+    runs = {"default": {0: {"curve": arm, "colour_shape": 0.965}},
+            "plain_clip": {0: {"curve": plain, "colour_shape": 0.223}},
+            "plain_clip_3x": {0: {"curve": long, "colour_shape": 0.97}}}
+    text = "\n".join(ds.curve_lines(runs))
+    assert "default seed 0: 3.00x (plain CLIP reaches it at step 1404)" in text
+    assert "holds on every run (at least 3.0x)" in text
+    assert "| plain_clip_3x |" not in text  # its curve has other steps than the table's
+    runs["plain_clip_3x"][0]["curve"][-1]["colour_shape"] = 0.90
+    text = "\n".join(ds.curve_lines(runs))
+    assert "> 3x (plain CLIP's curve to step 1404 never reaches it)" in text and "at least 3.0x" in text
+    runs["plain_clip_3x"][0]["curve"][1]["colour_shape"] = 0.97
+    assert "missed (1.00x)" in "\n".join(ds.curve_lines(runs))
 
 
 def headline_rows(ends: dict[str, list[float]]) -> dict[str, str]:

@@ -404,11 +404,16 @@ def test_itm_without_mlm_builds_the_fusion_for_itm():
 
 
 def test_objective_order_is_contrastive_token_mlm_itm_distill():
+    cfg = config(contrastive={"enabled": True}, token={"enabled": True, "image_stride": 16})
+    objectives = build_objectives(cfg, build_model(cfg.model))
+    assert [o.name for o in objectives] == ["contrastive", "token", "mlm", "itm"]
+    assert objectives[2].fusion is objectives[3].fusion
+    # with distillation on, the contrastive objective is CLIP's part of the distillation loss, not a term of its own
     cfg = config(contrastive={"enabled": True}, token={"enabled": True, "image_stride": 16},
                  distill={"enabled": True})
     objectives = build_objectives(cfg, build_model(cfg.model), {"dims": [8, 12], "scales": [100.0, 50.0]})
-    assert [o.name for o in objectives] == ["contrastive", "token", "mlm", "itm", "distill"]
-    assert objectives[2].fusion is objectives[3].fusion
+    assert [o.name for o in objectives] == ["token", "mlm", "itm", "distill"]
+    assert objectives[3].clip.name == "contrastive" and objectives[1].fusion is objectives[2].fusion
 
 
 def test_itm_without_a_fusion_point_is_a_config_error():

@@ -9,6 +9,10 @@ For a batch B of b samples (student features v, u normalised, learnable scale s;
     L(B) = (1 - lam) * CLIP(B) + lam * KD(B)
     loss = L(B_real) + L(B_syn)      (same image features; ground-truth captions, then one synthetic caption each)
 
+This is the whole instance-level objective when distillation is on (issue #16): CLIP(B) is the contrastive
+objective's loss on the caption batch B (`objectives.contrastive`: LightCLIP's softened targets when they are on, or
+a hinge or SigLIP's sigmoid), CLIP's InfoNCE without one; there is no second, separate contrastive term beside it.
+
 Optionally (`feature_weight` > 0), L2 feature distillation (Popp et al., arXiv 2404.16637): each student embedding
 is mapped by a training-only linear projection W_k per teacher and pulled towards that teacher's stored embedding,
 
@@ -26,7 +30,8 @@ mean over ranks is the loss of the global batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +39,7 @@ from torch import nn
 
 from lightclip_core.infra.distributed import gather_no_grad, gather_with_grad, row_offset
 from lightclip_core.losses.base import Objective, StepContext
-from lightclip_core.losses.instance import clip_logits, contrastive_loss
+from lightclip_core.losses.instance import ContrastiveObjective, clip_logits, contrastive_loss
 from lightclip_core.models.tokenizer import trim_padding
 
 CAPTION_BATCHES = ("both", "real", "synthetic")
@@ -109,12 +114,15 @@ def mobileclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, l
                     scales: Sequence[float], lam: float, *, all_image_features: torch.Tensor | None = None,
                     all_text_features: torch.Tensor | None = None, all_teacher_image: torch.Tensor | None = None,
                     all_teacher_text: torch.Tensor | None = None, offset: int = 0,
+                    clip_part: Callable[[], torch.Tensor] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L(B), CLIP(B), KD(B)); the term with weight 0 is computed without a graph, for logging only. With the
-    global batch (`all_*`, this rank's rows starting at `offset`), every term is the mean over this rank's rows."""
+    global batch (`all_*`, this rank's rows starting at `offset`), every term is the mean over this rank's rows.
+    CLIP(B) is CLIP's InfoNCE, or `clip_part()` where given (the contrastive objective's loss on this batch)."""
     student = {"all_image_features": all_image_features, "all_text_features": all_text_features}
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam < 1.0):
-        clip = contrastive_loss(image_features, text_features, logit_scale, **student, offset=offset)
+        clip = (clip_part() if clip_part is not None
+                else contrastive_loss(image_features, text_features, logit_scale, **student, offset=offset))
     with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0.0):
         kd = distillation_kd(image_features, text_features, logit_scale, teacher_image, teacher_text, dims, scales,
                              **student, all_teacher_image=all_teacher_image, all_teacher_text=all_teacher_text)
@@ -129,13 +137,19 @@ class DistillationObjective(Objective):
     """MobileCLIP's loss over a reinforced dataset: the ground-truth captions ("real"), one synthetic caption per
     sample through a second pass of the text tower ("synthetic"), or both. With `feature_weight` > 0 it has the
     feature distillation's projections (`embed_dim` -> each teacher's width, one for images, one for texts), which
-    train with the model and are not exported."""
+    train with the model and are not exported.
+
+    `clip`: the contrastive objective whose loss is CLIP's part of L(B) on each caption batch (its softened targets,
+    and an EMA similarity computed from that batch's captions); None: CLIP's InfoNCE. It is a submodule, so its EMA
+    copy follows the model (`after_step`)."""
 
     name = "distill"
 
     def __init__(self, dims: Sequence[int], scales: Sequence[float], lam: float = 1.0, caption_batches: str = "both",
-                 weight: float = 1.0, feature_weight: float = 0.0, embed_dim: int | None = None):
+                 weight: float = 1.0, feature_weight: float = 0.0, embed_dim: int | None = None,
+                 clip: ContrastiveObjective | None = None):
         super().__init__(weight)
+        self.clip = clip
         self.dims, self.scales = [int(d) for d in dims], [float(s) for s in scales]
         if not self.dims or len(self.dims) != len(self.scales):
             raise ValueError(f"need one scale per teacher: dims {self.dims}, scales {self.scales}")
@@ -163,14 +177,14 @@ class DistillationObjective(Objective):
     def forward(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor | float]:
         image, scale = outputs["image_features"], outputs["logit_scale"]
         teacher_image = self._extra(ctx, "teacher_image_emb").to(image.device)
-        batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        batches: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if self.caption_batches in ("both", "real"):
-            batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb")
+            batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb"), ctx.tokens
         if self.caption_batches in ("both", "synthetic"):
             syn_tokens, teacher_syn = self._extra(ctx, "syn_tokens"), self._extra(ctx, "teacher_syn_text_emb")
-            syn_tokens = trim_padding(syn_tokens) if ctx.model.ignores_padding() else syn_tokens
-            syn = ctx.model.encode_text(syn_tokens.to(image.device), normalize=True)
-            batches["syn"] = syn, teacher_syn
+            syn_tokens = (trim_padding(syn_tokens) if ctx.model.ignores_padding() else syn_tokens).to(image.device)
+            syn = ctx.model.encode_text(syn_tokens, normalize=True)
+            batches["syn"] = syn, teacher_syn, syn_tokens
         # this rank's rows against the global batch: the same gathered image features for both caption batches
         columns = {"all_image_features": gather_with_grad(image), "all_teacher_image": gather_no_grad(teacher_image),
                    "offset": row_offset(image.shape[0])}
@@ -180,11 +194,12 @@ class DistillationObjective(Objective):
             feature = feature_l2(image, teacher_image, self.image_projections, self.dims)
             terms["distill_feature_image"] = feature.detach()
             total = total + self.feature_weight * feature
-        for tag, (text, teacher_text) in batches.items():
+        for tag, (text, teacher_text, tokens) in batches.items():
             teacher_text = teacher_text.to(image.device)
             loss, clip, kd = mobileclip_loss(image, text, scale, teacher_image, teacher_text, self.dims, self.scales,
                                              self.lam, all_text_features=gather_with_grad(text),
-                                             all_teacher_text=gather_no_grad(teacher_text), **columns)
+                                             all_teacher_text=gather_no_grad(teacher_text), **columns,
+                                             clip_part=self._clip_part(outputs, text, tokens, ctx, terms))
             total = total + loss
             terms[f"distill_kd_{tag}"], terms[f"distill_clip_{tag}"] = kd.detach(), clip.detach()
             if self.feature_weight:
@@ -192,3 +207,21 @@ class DistillationObjective(Objective):
                 terms[f"distill_feature_{tag}"] = feature.detach()
                 total = total + self.feature_weight * feature
         return {"distill_loss": total, **terms}
+
+    def _clip_part(self, outputs: dict[str, torch.Tensor], text: torch.Tensor, tokens: torch.Tensor,
+                   ctx: StepContext, terms: dict[str, torch.Tensor | float]) -> Callable[[], torch.Tensor] | None:
+        """CLIP's part of L(B) for the caption batch `text` (encoded from `tokens`): the contrastive objective's loss
+        on it; its diagnostics (the softening eps, a sigmoid's bias) go to `terms`."""
+        if self.clip is None:
+            return None
+
+        def part() -> torch.Tensor:
+            named = self.clip({**outputs, "text_features": text}, replace(ctx, tokens=tokens))
+            terms.update({k: v for k, v in named.items() if not k.endswith("_loss")})
+            return named["contrastive_loss"]
+
+        return part
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.clip is not None:
+            self.clip.after_step(model)

@@ -48,17 +48,21 @@ def _fusion(cfg: Config, model: nn.Module) -> FusionBlocks:
 
 def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any] | None = None) -> nn.ModuleList:
     """One module per enabled objective, in the order contrastive, token, mlm, itm, distill (mlm and itm share one
-    fusion module). A stride the image tower does not have, or a fusion layer past the text tower's depth, raises
+    fusion module). With distillation on, the contrastive objective is not a term of its own but CLIP's part of the
+    distillation loss, `(1 - lam) * CLIP + lam * KD` per caption batch (issue #16: one instance-level term). A stride the image tower does not have, or a fusion layer past the text tower's depth, raises
     ConfigError naming the field. Distillation takes the teachers' embedding widths and scales from the reinforced
     split's manifest (`reinforcement`)."""
     o, text = cfg.objectives, cfg.model.text
     objectives: list[nn.Module] = []
+    contrastive = None
     if o.contrastive.enabled:
         c = o.contrastive
         ema_of = model if c.soft_targets == "similarity" and c.similarity_source == "ema" else None
-        objectives.append(ContrastiveObjective(
+        contrastive = ContrastiveObjective(
             c.soft_targets, c.eps_schedule, c.eps_start, c.eps_end, c.similarity_temperature, ema_of=ema_of,
-            ema_momentum=c.ema_momentum, weight=c.weight, loss=c.loss, margin=c.margin))
+            ema_momentum=c.ema_momentum, weight=c.weight, loss=c.loss, margin=c.margin)
+    if contrastive is not None and not o.distill.enabled:  # with distillation on, it is CLIP's part of that loss
+        objectives.append(contrastive)
     if o.token.enabled:
         t = o.token
         channels = _stage_channels(model, t.image_stride, "objectives.token.image_stride")
@@ -87,7 +91,7 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
                               f"{teachers} teachers (give one scale for all, or one per teacher)")
         objectives.append(DistillationObjective(reinforcement["dims"], scales, d.lam, d.caption_batches,
                                                 weight=d.weight, feature_weight=d.feature_weight,
-                                                embed_dim=cfg.model.embed_dim))
+                                                embed_dim=cfg.model.embed_dim, clip=contrastive))
     return nn.ModuleList(objectives)
 
 
