@@ -6,7 +6,8 @@ given seed) and scored on the test split. For each arm against `default`: the me
 have, its Welch standard error, and the paired differences; a difference counts when it exceeds twice its standard
 error (issue #16's rule).
 
-    python benchmarks/distill_screens.py [--arms default teacher_scale_50 ...] [--seeds 0 1 2] [--collect]
+    python benchmarks/distill_screens.py [--arms default teacher_scale_50 ...] [--seeds 0 1 2] [--screen ...]
+                                         [--curve] [--collect | --from-scratch]
 
 Runs are sequential (on 2 cores two trainings at once each take 4x longer). A finished run is kept under `--work` as
 `<arm>-seed<k>-<key>.json`, where the key hashes the resolved configuration and the reinforced manifest: a rerun
@@ -51,6 +52,10 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "teacher_scale_100": ["objectives.distill.teacher_scales=[100]"],
     "lam_0.75": ["objectives.distill.lam=0.75"],
     "lam_0.5": ["objectives.distill.lam=0.5"],
+    "lam_1": ["objectives.distill.lam=1.0"],
+    # issue #16 item 1: both caption batches against either alone
+    "real_captions": ["objectives.distill.caption_batches=real"],
+    "synthetic_captions": ["objectives.distill.caption_batches=synthetic"],
     # issue #16's headline arms on the same stored views, spelled out so that each names the same run whatever the
     # default is: CLIP alone, LightCLIP's three objectives without and with distillation, distillation alone (the
     # default since the three seeds of 2026-12-07)
@@ -148,14 +153,15 @@ def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
     return row
 
 
-def run_arm(arm: str, seed: int, work: Path, curve: bool) -> dict[str, float]:
-    """The arm's kept run, else a new one; `curve`: a kept run without a learning curve is run again for it, and
-    the new end metrics are checked against the kept ones (the largest difference is recorded)."""
+def run_arm(arm: str, seed: int, work: Path, curve: bool, from_scratch: bool = False) -> dict[str, float]:
+    """The arm's kept run, else a new one; `curve`: a kept run without a learning curve is run again for it;
+    `from_scratch`: every kept run is run again. A rerun's end metrics are checked against the kept ones (the
+    largest difference is recorded)."""
     cfg = arm_config(arm, seed)
     key = run_key(cfg)
     kept = kept_run(work, seed, key)
     old = json.loads(kept.read_text()) if kept is not None else None
-    if old is not None and (not curve or "curve" in old):
+    if old is not None and not from_scratch and (not curve or "curve" in old):
         return old
     stem = kept.parent / kept.name.removesuffix(".json") if kept is not None else work / f"{arm}-seed{seed}-{key}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,9 +169,10 @@ def run_arm(arm: str, seed: int, work: Path, curve: bool) -> dict[str, float]:
                                     stem.parent / f"{stem.name}.csv")
     if old is not None:
         row["rerun_max_abs_diff"] = max(abs(row[k] - old[k]) for k in METRICS)
-        print(f"rerun of {stem.name} for its curve: end metrics differ from the kept run by at most "
+        print(f"rerun of {stem.name}: end metrics differ from the kept run by at most "
               f"{100 * row['rerun_max_abs_diff']:.2f} points", flush=True)
-        row = {**old, **{k: v for k, v in row.items() if k in ("curve", "rerun_max_abs_diff")}}
+        if not from_scratch:  # the kept run gains its curve
+            row = {**old, **{k: v for k, v in row.items() if k in ("curve", "rerun_max_abs_diff")}}
     row.update(arm=old["arm"] if old else arm, seed=seed, overrides=ARMS[arm])
     write_json_atomic(stem.parent / f"{stem.name}.json", row)  # not with_suffix: arm names hold dots (lam_0.5)
     print(f"done {arm} seed {seed}: " + ", ".join(f"{k} {100 * row[k]:.1f}" for k in METRICS), flush=True)
@@ -385,6 +392,8 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="publish the kept runs without training more")
     parser.add_argument("--curve", action="store_true",
                         help="run kept runs without a learning curve again for it (checked against the kept end)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train every run again, kept or not (each checked against its kept end metrics)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "distill-runs")
     args = parser.parse_args()
     if not all((split / "manifest.json").exists() for split in (TRAIN, VAL, TEST)):
@@ -404,7 +413,7 @@ def main() -> None:
                     continue
                 runs.setdefault(arm, {})[seed] = json.loads(kept.read_text())
             else:
-                runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args.work, args.curve)
+                runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args.work, args.curve, args.from_scratch)
     if "default" not in runs:
         sys.exit("no kept run of the default: nothing to compare with")
     table = {arm: compare(rows, runs["default"]) for arm, rows in runs.items()}
