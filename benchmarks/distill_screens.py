@@ -422,8 +422,8 @@ def main() -> None:
     ref = table["default"]["colour_shape"]["mean"]
     command = ("python benchmarks/distill_screens.py --arms " + " ".join(plan) + " --seeds "
                + " ".join(map(str, args.seeds)) + (" --screen " + " ".join(args.screen) if args.screen else ""))
-    publish(f"distill_screens_{views_key()}_one_term", {"seeds": args.seeds, "runs": {a: {str(s): r for s, r in rows.items()}
-                                                             for a, rows in runs.items()}, "table": table},
+    kept = {a: {str(s): r for s, r in rows.items()} for a, rows in runs.items()}
+    publish(f"distill_screens_{views_key()}_one_term", {"seeds": args.seeds, "runs": kept, "table": table},
             measured=f"best arm {best}: colour+shape {table[best]['colour_shape']['mean']:.1f}%",
             reference=f"default: colour+shape {ref:.1f}%", ratio=table[best]["colour_shape"]["mean"] / ref,
             command=command)
