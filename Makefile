@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	. $(VENV)/bin/activate && dvc repro && dvc push
 
-## the whole test suite (unit + integration; 22 minutes on the 2-core development machine, 2026-12-07)
+## the whole test suite (unit + integration; 22-28 minutes on the 2-core development machine, 2026-12-07, as its speed drifts)
 test: $(VENV)/.installed browser
 	$(PY) -m pytest
 
