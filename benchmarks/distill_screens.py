@@ -89,7 +89,7 @@ CURVE_POINTS = 6  # issue #16: every arm is evaluated on the test split every si
 # the contrastive section is CLIP's part of (1 - lam) * CLIP + lam * KD, no longer a separate term beside it, so the
 # same configuration trains another loss. Runs without distillation train what they did and keep their keys.
 FORMULATION = b"one instance-level term"
-LONG_ARMS = {"plain_clip_3x": 3}  # arms run to a multiple of the default's budget: their curve has other steps
+LONG_ARMS = ("plain_clip_3x",)  # arms run to a multiple of the default's budget: their curve has other steps
 
 
 def views_key() -> str:
@@ -262,7 +262,7 @@ def efficiency_lines(runs: dict[str, dict[int, dict]], plain: dict[int, list[dic
     long = {seed: r["curve"] for seed, r in runs.get("plain_clip_3x", {}).items() if "curve" in r}
     reach, bounds = [], []
     for arm, rows in runs.items():
-        if arm in ("plain_clip", "lightclip_no_distill", *LONG_ARMS):
+        if not arm_config(arm, 0).objectives.distill.enabled:  # the efficiency is distillation's
             continue
         for seed, r in rows.items():
             if seed not in plain or "curve" not in r:
