@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	. $(VENV)/bin/activate && dvc repro && dvc push
 
-## the whole test suite (unit + integration; 22-28 minutes on the 2-core development machine, 2026-12-07, as its speed drifts)
+## the whole test suite (unit + integration) on two pytest-xdist workers: 11 min 35 s on the 2-core development
+## machine (2026-12-07; 22-28 minutes in one process); `-n 0` runs it in one process
 test: $(VENV)/.installed browser
 	$(PY) -m pytest
 

@@ -17,6 +17,9 @@ import requests
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's workers share the cores: one thread each, and in the
+    os.environ["OMP_NUM_THREADS"] = "1"    # processes they start (stages, ranks, servers)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
