@@ -174,7 +174,8 @@ def test_an_undecodable_image_is_skipped_and_counted(base, tmp_path):
 
 def test_the_trainer_distils_from_a_reinforced_split(reinforced, tmp_path):
     out, _ = reinforced
-    result = train(config(objectives={**TINY["objectives"], "contrastive": {"enabled": False}}), out, tmp_path)
+    both = {"contrastive": {"enabled": False}, "distill": {"caption_batches": "both"}}  # a KD term per caption batch
+    result = train(config(objectives={**TINY["objectives"], **both}), out, tmp_path)
     header = result.train_log.read_text().splitlines()[0].split(",")
     assert {"distill_loss", "distill_kd_real", "distill_kd_syn"} <= set(header)
     assert result.steps == 3 and np.isfinite(result.metrics["final_loss"])

@@ -49,9 +49,10 @@ def _fusion(cfg: Config, model: nn.Module) -> FusionBlocks:
 def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any] | None = None) -> nn.ModuleList:
     """One module per enabled objective, in the order contrastive, token, mlm, itm, distill (mlm and itm share one
     fusion module). With distillation on, the contrastive objective is not a term of its own but CLIP's part of the
-    distillation loss, `(1 - lam) * CLIP + lam * KD` per caption batch (issue #16: one instance-level term). A stride the image tower does not have, or a fusion layer past the text tower's depth, raises
-    ConfigError naming the field. Distillation takes the teachers' embedding widths and scales from the reinforced
-    split's manifest (`reinforcement`)."""
+    distillation loss, `(1 - lam) * CLIP + lam * KD` per caption batch (issue #16: one instance-level term). A stride
+    the image tower does not have, or a fusion layer past the text tower's depth, raises ConfigError naming the field.
+    Distillation takes the teachers' embedding widths and scales from the reinforced split's manifest
+    (`reinforcement`)."""
     o, text = cfg.objectives, cfg.model.text
     objectives: list[nn.Module] = []
     contrastive = None
