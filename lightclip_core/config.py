@@ -214,7 +214,8 @@ class DistillObjectiveConfig(Section):
                                                         "being objectives.contrastive's loss (the one instance term)")
     caption_batches: Literal["both", "real", "synthetic"] = Field(
         "real", description="both: L(real captions) + L(synthetic captions) over the same image features; real: "
-                            "the default since issue #16's three seeds (as good at 0.68x the training time)")
+                            "the default since issue #16's three seeds (as good, in about two thirds of the "
+                            "training time, from separate runs)")
     teacher_scales: list[float] | None = Field(
         None, description="fixed scale s_k per teacher; null: the scales the reinforced split's manifest records")
     feature_weight: float = Field(1.0, ge=0.0, description="L2 feature distillation (Popp et al.): each student "
