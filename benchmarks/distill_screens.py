@@ -56,6 +56,7 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     # issue #16 item 1: both caption batches against either alone
     "real_captions": ["objectives.distill.caption_batches=real"],
     "synthetic_captions": ["objectives.distill.caption_batches=synthetic"],
+    "both_captions": ["objectives.distill.caption_batches=both"],  # the default until 2026-12-07 (ninth session)
     # issue #16's headline arms on the same stored views, spelled out so that each names the same run whatever the
     # default is: CLIP alone, LightCLIP's three objectives without and with distillation, distillation alone (the
     # default since the three seeds of 2026-12-07)
@@ -76,6 +77,8 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "tower_resnet18": ["model.image.tower=resnet18"],
     "epochs_2": ["train.epochs=2.0"],  # issue #15 item 5: a shorter training, if the student loses nothing
     "epochs_1.5": ["train.epochs=1.5"],
+    "epochs_6": ["train.epochs=6.0"],  # issue #15 item 5's fallback screens (docs/BENCHMARKS.md, tenth session)
+    "lr_0.002": ["train.lr=0.002"],
 }
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1",
