@@ -85,12 +85,12 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0)
     batch_size: int = Field(128, ge=2, description="global samples per optimizer step, over all ranks")
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step (gradient accumulation)")
-    epochs: float = Field(3.0, gt=0, description="passes over the training split (fractions allowed)")
+    epochs: float = Field(2.0, gt=0, description="passes over the training split (fractions allowed)")
     samples_per_epoch: int | None = Field(
         None, ge=2, description="resampled 'virtual' epochs of this many samples (shards drawn with replacement "
                                 "per seed and epoch); null: an epoch is one pass over the split")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    lr: float = Field(1e-3, gt=0, le=1.0)
+    lr: float = Field(2e-3, gt=0, le=1.0)
     image_lr: float | None = Field(
         None, gt=0, le=1.0, description="the image tower's learning rate (a CNN tolerates more than the text "
                                         "transformer); null: train.lr")
