@@ -79,7 +79,8 @@ def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batch(d
     assert [r["samples_seen"] for r in two] == [32, 64, 96, 128, 160]  # global accounting
     for a, b in zip(one, two, strict=True):
         for term in ("loss", "contrastive_loss", "lr", "logit_scale"):
-            assert b[term] == pytest.approx(a[term], abs=1e-5), (a["step"], term)
+            # float rounding only (the reduction order differs); lr 0.002 carries it a little further than 0.001
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-5), (a["step"], term)
     w1 = load_checkpoint(single.final_checkpoint)["model"]
     w2 = load_checkpoint(tmp_path / "two" / "final.pt", require_checksum=True)["model"]
     assert max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1) < 1e-5

@@ -11,6 +11,8 @@ from helpers_project import DVC, ROOT, make_project
 from helpers_project import run as _run
 from helpers_tiny import TINY, merge
 
+from lightclip_core.config import Config
+
 pytestmark = pytest.mark.slow
 
 
@@ -81,7 +83,7 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
     train = by_stage["train"]
     assert len(train.data.tags["git.commit"]) == 40
     assert train.data.tags["dvc.input.data"].endswith(".dir")
-    assert train.data.params["train.lr"] == "0.001"
+    assert train.data.params["train.lr"] == str(Config().train.lr)  # params.yaml spells out the schema default
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 7))
     assert "zeroshot/colour_shape/top1" in by_stage["evaluate"].data.metrics
@@ -93,7 +95,8 @@ def test_every_stage_logged_an_mlflow_run_with_lineage(project):
 
 def test_exp_run_with_a_changed_learning_rate(project):
     repo, env, dvc, _ = project
-    out = _run([*dvc, "exp", "run", "-S", "train.lr=0.002"], repo, env)
+    assert Config().train.lr != 0.0005  # a change: the experiment retrains
+    out = _run([*dvc, "exp", "run", "-S", "train.lr=0.0005"], repo, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     shown = json.loads(_run([*dvc, "exp", "show", "--json"], repo, env))
     lrs = set()
@@ -101,7 +104,7 @@ def test_exp_run_with_a_changed_learning_rate(project):
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 lrs.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"])
-    assert 0.002 in lrs
+    assert 0.0005 in lrs
 
 
 # ------------------------------------------------------------------------------------ what a stakeholder sees
