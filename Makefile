@@ -16,7 +16,7 @@ run: $(VENV)/.installed
 	. $(VENV)/bin/activate && dvc repro && dvc push
 
 ## the whole test suite (unit + integration) on two pytest-xdist workers: 11.5-16 minutes on the 2-core development
-## machine (four runs, 2026-12-07, the slowest on a slow day; 22-28 minutes in one process); `-n 0` runs it in one process
+## machine (four runs, 2026-12-07, the slowest on a slow day; 22-28 minutes in one process); `-n 0`: one process
 test: $(VENV)/.installed browser
 	$(PY) -m pytest
 

@@ -82,7 +82,6 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "epochs_1.5": ["train.epochs=1.5"],
     "epochs_3_lr_0.001": ["train.epochs=3.0", "train.lr=0.001"],  # the default until 2026-12-07 (tenth session)
     "epochs_6": ["train.epochs=6.0"],
-    "lr_0.002": ["train.lr=0.002"],
 }
 METRICS = {"colour": "zeroshot/colour/top1", "shape": "zeroshot/shape/top1",
            "colour_shape": "zeroshot/colour_shape/top1",
