@@ -113,17 +113,17 @@ def arm_config(arm: str, seed: int, extra: tuple[str, ...] = ()):
                                               "export.onnx=false", *extra])
 
 
-def curve_overrides(cfg) -> tuple[str, ...]:
+def curve_overrides(cfg, train_dir: Path | None = None) -> tuple[str, ...]:
     """A step checkpoint every sixth of training, all kept (the trainer leaves checkpointing out of what decides a
     run's outcome, so the run is the same as without)."""
-    total = plan_steps(cfg, json.loads((TRAIN / "manifest.json").read_text())["num_samples"])[1]
+    total = plan_steps(cfg, json.loads(((train_dir or TRAIN) / "manifest.json").read_text())["num_samples"])[1]
     return f"train.checkpoint_every={math.ceil(total / CURVE_POINTS)}", f"train.keep_checkpoints={CURVE_POINTS}"
 
 
-def run_key(cfg) -> str:
-    """What decides a run's outcome: the resolved configuration, the stored views it trains on and, when it distils,
-    the loss's form (FORMULATION)."""
-    return config_key(cfg, (TRAIN / "manifest.json").read_bytes(),
+def run_key(cfg, train_dir: Path | None = None) -> str:
+    """What decides a run's outcome: the resolved configuration, the stored views (or split) it trains on and, when
+    it distils, the loss's form (FORMULATION)."""
+    return config_key(cfg, ((train_dir or TRAIN) / "manifest.json").read_bytes(),
                       *((FORMULATION,) if cfg.objectives.distill.enabled else ()))
 
 
@@ -142,11 +142,11 @@ def test_scores(cfg, checkpoint: Path, out: Path) -> dict[str, float]:
     return metric_row(evaluate(cfg, exported, TEST, out / "eval").metrics)
 
 
-def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
-    """The product's train -> export on the reinforced split, then evaluate on the test split (METRICS) and on the
+def train_export_evaluate(cfg, out: Path, keep_log: Path, train_dir: Path | None = None) -> dict:
+    """The product's train -> export on the reinforced split (or `train_dir`), then evaluate on the test split (METRICS) and on the
     validation split (the same, prefixed `val_`: where choices are made); training's log is kept at `keep_log`.
     `curve`: the test metrics at each step checkpoint, then at the end."""
-    result = train(cfg, TRAIN, out / "train")
+    result = train(cfg, train_dir or TRAIN, out / "train")
     shutil.copyfile(result.train_log, keep_log)
     exported = export(cfg, result.final_checkpoint, out / "export").out_dir
     row = {"wall_time_s": result.metrics["wall_time_s"]}
@@ -159,27 +159,29 @@ def train_export_evaluate(cfg, out: Path, keep_log: Path) -> dict:
     return row
 
 
-def run_arm(arm: str, seed: int, work: Path, curve: bool, from_scratch: bool = False) -> dict[str, float]:
+def run_arm(arm: str, seed: int, work: Path, curve: bool, from_scratch: bool = False, train_dir: Path | None = None,
+            extra: tuple[str, ...] = ()) -> dict[str, float]:
     """The arm's kept run, else a new one; `curve`: a kept run without a learning curve is run again for it;
     `from_scratch`: every kept run is run again. A rerun's end metrics are checked against the kept ones (the
-    largest difference is recorded)."""
-    cfg = arm_config(arm, seed)
-    key = run_key(cfg)
+    largest difference is recorded). `train_dir` and `extra` (overrides after the arm's): another training split
+    and the configuration it was prepared with (benchmarks/noisy_screens.py)."""
+    cfg = arm_config(arm, seed, extra)
+    key = run_key(cfg, train_dir)
     kept = kept_run(work, seed, key)
     old = json.loads(kept.read_text()) if kept is not None else None
     if old is not None and not from_scratch and (not curve or "curve" in old):
         return old
     stem = kept.parent / kept.name.removesuffix(".json") if kept is not None else work / f"{arm}-seed{seed}-{key}"
     with tempfile.TemporaryDirectory() as tmp:
-        row = train_export_evaluate(arm_config(arm, seed, curve_overrides(cfg)), Path(tmp),
-                                    stem.parent / f"{stem.name}.csv")
+        row = train_export_evaluate(arm_config(arm, seed, (*extra, *curve_overrides(cfg, train_dir))), Path(tmp),
+                                    stem.parent / f"{stem.name}.csv", train_dir)
     if old is not None:
         row["rerun_max_abs_diff"] = max(abs(row[k] - old[k]) for k in METRICS)
         print(f"rerun of {stem.name}: end metrics differ from the kept run by at most "
               f"{100 * row['rerun_max_abs_diff']:.2f} points", flush=True)
         if not from_scratch:  # the kept run gains its curve
             row = {**old, **{k: v for k, v in row.items() if k in ("curve", "rerun_max_abs_diff")}}
-    row.update(arm=old["arm"] if old else arm, seed=seed, overrides=ARMS[arm])
+    row.update(arm=old["arm"] if old else arm, seed=seed, overrides=[*ARMS[arm], *extra])
     write_json_atomic(stem.parent / f"{stem.name}.json", row)  # not with_suffix: arm names hold dots (lam_0.5)
     print(f"done {arm} seed {seed}: " + ", ".join(f"{k} {100 * row[k]:.1f}" for k in METRICS), flush=True)
     return row

@@ -203,6 +203,38 @@ def test_batch_fraction_masks_an_evenly_spread_share_of_the_batch(setup):
         assert abs(float(_run(mlm, outputs, changed, images, model, seed)["mlm_loss"]) - float(terms["mlm_loss"])) > 0
 
 
+def test_mlm_pass_skipping_rows_without_targets_keeps_the_loss_and_every_gradient(setup):
+    """The objective runs its fused pass only over rows with a chosen position, cut to the columns they use; the
+    reference is the pass written out over every row at full length: the loss and the gradient of every parameter
+    (model, fusion, head, mask row) agree."""
+    _, model, objectives, images, tokens, _ = setup
+    mlm = _mlm(objectives)
+    _randomise_fusion(mlm)
+    seed = next(s for s in range(100) if not _replay(tokens, s)[2].any(dim=1).all()
+                and _replay(tokens, s)[2].any(dim=1).sum() >= 2)
+    inputs, use_mask_row, chosen = _replay(tokens, seed)
+    params = [p for p in (*model.parameters(), *mlm.parameters()) if p.requires_grad]
+
+    outputs = model(images, tokens, **forward_needs(objectives))
+    got = _run(mlm, outputs, tokens, images, model, seed)["mlm_loss"]
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+
+    outputs = model(images, tokens, **forward_needs(objectives))
+    hidden = _hand_pass(model, mlm, inputs, use_mask_row, outputs["image_maps"], causal=False)
+    logits = _hand_logits(mlm, hidden, model.text.token_embedding.weight)
+    expected = F.cross_entropy(logits[chosen], tokens[chosen])
+    want_grads = torch.autograd.grad(expected, params, allow_unused=True)
+
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert any(w is not None and w.abs().sum() > 0 for w in want_grads)
+    for g, w in zip(got_grads, want_grads):
+        if w is None or g is None:
+            assert (g is None or not g.any()) and (w is None or not w.any())
+            continue
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w.to_dense() if w.is_sparse else w,
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_masks_are_keyed_by_seed_step_and_sample_index():
     """A sample's mask does not depend on its batch position, its batch neighbours or its padding length (that is
     what makes the masking independent of how a global batch is split over ranks); seed and step change it."""
