@@ -24,7 +24,7 @@ from torch import nn
 from lightclip_core.infra.distributed import current_world, global_sum, row_offset
 from lightclip_core.losses.base import Objective, StepContext, keyed_generator
 from lightclip_core.losses.fusion import FusionBlocks
-from lightclip_core.models.tokenizer import special_token_ids, used_length, word_mask
+from lightclip_core.models.tokenizer import special_token_ids, trim_padding, word_mask
 
 MASK_ROW, RANDOM_TOKEN = 0.8, 0.1  # BERT's 80/10/10: mask row / random token / unchanged
 
@@ -145,6 +145,6 @@ class MaskedLanguageObjective(Objective):
             inputs, use_mask_row, chosen, tokens, index = (t[rows] for t in (inputs, use_mask_row, chosen, tokens,
                                                                              index.to(rows.device)))
         if getattr(model, "ignores_padding", lambda: False)():
-            n = used_length(tokens)
+            n = trim_padding(tokens).shape[1]
             inputs, use_mask_row, chosen, tokens = (t[:, :n] for t in (inputs, use_mask_row, chosen, tokens))
         return inputs, use_mask_row, chosen, tokens, index

@@ -60,14 +60,10 @@ def special_token_ids() -> dict[str, int]:
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     """Drop the padding columns that no sequence in the batch uses. Exact for a causal text tower pooled at the
     end-of-text token (nothing after it can reach it), and it makes short captions cheap."""
-    return tokens[:, :used_length(tokens)]
-
-
-def used_length(tokens: torch.Tensor) -> int:
-    """The columns the batch's longest sequence uses: one past its end-of-text token."""
     # the length is where end-of-text sits, not a count of non-zero ids: id 0 is also a real BPE token ("!")
     eot = get_tokenizer(77).eot_token_id
-    return int((tokens == eot).int().argmax(dim=1).max()) + 1
+    used = int((tokens == eot).int().argmax(dim=1).max()) + 1
+    return tokens[:, :used]
 
 
 def word_mask(tokens: torch.Tensor) -> torch.Tensor:
