@@ -143,8 +143,9 @@ def test_scores(cfg, checkpoint: Path, out: Path) -> dict[str, float]:
 
 
 def train_export_evaluate(cfg, out: Path, keep_log: Path, train_dir: Path | None = None) -> dict:
-    """The product's train -> export on the reinforced split (or `train_dir`), then evaluate on the test split (METRICS) and on the
-    validation split (the same, prefixed `val_`: where choices are made); training's log is kept at `keep_log`.
+    """The product's train -> export on the reinforced split (or `train_dir`), then evaluate on the test split
+    (METRICS) and on the validation split (the same, prefixed `val_`: where choices are made); training's log is
+    kept at `keep_log`.
     `curve`: the test metrics at each step checkpoint, then at the end."""
     result = train(cfg, train_dir or TRAIN, out / "train")
     shutil.copyfile(result.train_log, keep_log)

@@ -4,10 +4,11 @@ default's 0.1), which is where softened targets should matter most.
 
 No distillation, so no teachers: the variant's training split is prepared afresh by the product's own `prepare` (the
 same images and the same val/test splits; only training captions differ) into `artifacts/screens/<key>/`, and both
-arms train on its original images, the same data order per seed, at the default run's step budget. Each run is
-evaluated on the committed (clean) test and validation splits, on the test split every sixth of training. Kept runs
-(benchmarks/results/noisy-runs) are reused as in `distill_screens.py`; the comparison (mean ± sd, difference, Welch
-SE) is written to docs/BENCHMARKS.md and benchmarks/results/noisy_screens.json.
+arms train on its original images (no augmentation: the split is not reinforced), the same data order per seed, at
+the default run's step budget. Each run is evaluated on the committed (clean) test and validation splits, on the
+test split every sixth of training. Kept runs (benchmarks/results/noisy-runs) are reused as in `distill_screens.py`;
+the comparison (mean ± sd, difference, Welch SE) is written to docs/BENCHMARKS.md and
+benchmarks/results/noisy_screens.json.
 
     python benchmarks/noisy_screens.py [--noise 0.3] [--seeds 0] [--collect]
 """
@@ -46,9 +47,10 @@ def variant_split(noise: float) -> Path:
 def section(noise: float, runs: dict[str, dict[int, dict]], table: dict[str, dict]) -> str:
     plain, objectives = table["plain_clip"], table["lightclip_no_distill"]
     lines = [TITLE, "",
-             f"`data.synthetic.noise_fraction={noise}` (the default: 0.1), no distillation, original images (the "
-             "split is not reinforced), the default run's step budget; test split (clean). Each cell: mean ± sd over "
-             "the seeds in points, then the difference to plain CLIP with its Welch SE where both have two seeds.",
+             f"`data.synthetic.noise_fraction={noise}` (the default: 0.1), no distillation, original images (no "
+             "augmentation: the split is not reinforced), the default run's step budget; test split (clean). Each "
+             "cell: mean ± sd over the seeds in points, then the difference to plain CLIP with its Welch SE where "
+             "both have two seeds.",
              "", "| arm | seeds | " + " | ".join(ds.LABELS[k] for k in ds.METRICS) + " | train wall |",
              "|---|---|" + "---|" * len(ds.METRICS) + "---|"]
     for arm in ARMS:
