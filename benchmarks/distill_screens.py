@@ -70,6 +70,11 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     # epochs since issue #15 item 5's screen of 2026-12-07, 3 before: its kept runs on 13f05de1f609 ran 9)
     "plain_clip_3x": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
                       "objectives.mlm.enabled=false", "objectives.distill.enabled=false", "train.epochs=6.0"],
+    # plain CLIP on the original images of the same split (no stored views, so no augmentation): what a user without
+    # dataset reinforcement trains (added on 2026-12-07 after the noisy variant's plain CLIP learned shape on them)
+    "plain_clip_original_images": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+                                   "objectives.mlm.enabled=false", "objectives.distill.enabled=false",
+                                   "train.stored_views=false"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
