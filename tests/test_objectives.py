@@ -453,13 +453,17 @@ def test_causal_masked_pass_does_not_see_later_tokens(setup, monkeypatch, causal
         _run(mlm, outputs, tokens, images, model, seed)
         _run(mlm, outputs, later, images, model, seed)
     before, after = hidden
-    others = [r for r in range(len(tokens)) if r != b]
+    # the pass reads only the rows with a chosen position, in order (row b among them), at the longest one's length
+    read = chosen.any(dim=1).nonzero().flatten().tolist()
+    assert b in read and before.shape[:2] == (len(read), tokens.shape[1])
+    row = read.index(b)
+    others = [i for i in range(len(read)) if i != row]
     torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
-    assert not torch.allclose(after[b, j:], before[b, j:])
+    assert not torch.allclose(after[row, j:], before[row, j:])
     if causal:
-        torch.testing.assert_close(after[b, :j], before[b, :j], rtol=0, atol=1e-6)
+        torch.testing.assert_close(after[row, :j], before[row, :j], rtol=0, atol=1e-6)
     else:
-        assert (after[b, :j] - before[b, :j]).abs().max() > 1e-4
+        assert (after[row, :j] - before[row, :j]).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------------------------ 6-7. trainer runs
