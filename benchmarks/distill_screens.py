@@ -41,6 +41,8 @@ TEST = ROOT / "artifacts" / "data" / "test"
 VAL = ROOT / "artifacts" / "data" / "val"
 LIGHTCLIP = ["objectives.contrastive.soft_targets=uniform", "objectives.token.enabled=true",
              "objectives.mlm.enabled=true"]  # LightCLIP's three objectives, as params.yaml sets them up
+PLAIN_CLIP = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+              "objectives.mlm.enabled=false", "objectives.distill.enabled=false"]  # CLIP's loss alone
 ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "default": [],
     "kd_only": ["objectives.distill.feature_weight=0"],
@@ -60,21 +62,17 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     # issue #16's headline arms on the same stored views, spelled out so that each names the same run whatever the
     # default is: CLIP alone, LightCLIP's three objectives without and with distillation, distillation alone (the
     # default since the three seeds of 2026-12-07)
-    "plain_clip": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-                   "objectives.mlm.enabled=false", "objectives.distill.enabled=false"],
+    "plain_clip": PLAIN_CLIP,
     "lightclip_no_distill": [*LIGHTCLIP, "objectives.distill.enabled=false"],
     "lightclip_distill": [*LIGHTCLIP, "objectives.distill.enabled=true"],  # the default until 2026-12-07
     "distill_only": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
                      "objectives.mlm.enabled=false", "objectives.distill.enabled=true"],
     # issue #16's learning efficiency: plain CLIP's curve run to 3x the default's step budget (its own schedule; 2
     # epochs since issue #15 item 5's screen of 2026-12-07, 3 before: its kept runs on 13f05de1f609 ran 9)
-    "plain_clip_3x": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-                      "objectives.mlm.enabled=false", "objectives.distill.enabled=false", "train.epochs=6.0"],
+    "plain_clip_3x": [*PLAIN_CLIP, "train.epochs=6.0"],
     # plain CLIP on the original images of the same split (no stored views, so no augmentation): what a user without
     # dataset reinforcement trains (added on 2026-12-07 after the noisy variant's plain CLIP learned shape on them)
-    "plain_clip_original_images": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-                                   "objectives.mlm.enabled=false", "objectives.distill.enabled=false",
-                                   "train.stored_views=false"],
+    "plain_clip_original_images": [*PLAIN_CLIP, "train.stored_views=false"],
     # image towers that learn shape faster supervised (benchmarks/shape_learning.py's probes)
     "tower_mnv2": ["model.image.tower=mobilenetv2_100"],  # the default until RepViT-M0.9's three seeds
     "tower_effb0": ["model.image.tower=efficientnet_b0"],
