@@ -303,20 +303,27 @@ def efficiency_lines(runs: dict[str, dict[int, dict]], plain: dict[int, list[dic
 
 
 # issue #16's verdicts, their thresholds declared before the three-seed runs (a922940; the arms renamed since for the
-# new default): (arm, reference, what it tests, where it is read, the least colour+shape gain in points); a gain
-# holds when it is at least that and more than twice its Welch SE
-HEADLINE = (("distill_only", "plain_clip", "item 1: distillation over plain CLIP", "half-way", 3.0),
-            ("lightclip_no_distill", "plain_clip", "item 2: LightCLIP's objectives over plain CLIP", "end", 2.0),
-            ("lightclip_distill", "distill_only", "item 3: the objectives on top of distillation", "end", 0.0),
-            ("lightclip_distill", "plain_clip", "item 3: both over plain CLIP", "half-way", 3.0))
+# new default): (arm, reference, what it tests, where it is read, the least colour+shape gain in points, the baseline
+# whose curve gives each seed's half-way step); a gain holds when it is at least that and more than twice its Welch
+# SE. The last row (declared in the thirteenth session) reads item 1 against training without reinforcement, beside
+# the protocol's baseline on the same stored views.
+HEADLINE = (("distill_only", "plain_clip", "item 1: distillation over plain CLIP", "half-way", 3.0, "plain_clip"),
+            ("lightclip_no_distill", "plain_clip", "item 2: LightCLIP's objectives over plain CLIP", "end", 2.0,
+             "plain_clip"),
+            ("lightclip_distill", "distill_only", "item 3: the objectives on top of distillation", "end", 0.0,
+             "plain_clip"),
+            ("lightclip_distill", "plain_clip", "item 3: both over plain CLIP", "half-way", 3.0, "plain_clip"),
+            ("distill_only", "plain_clip_original_images",
+             "item 1 against plain CLIP on the original images (no reinforcement)", "half-way", 3.0,
+             "plain_clip_original_images"))
 
 
-def halfway_scores(runs: dict[str, dict[int, dict]], arm: str) -> list[float]:
-    """The arm's colour+shape (points) at each seed's half-way step, for the seeds where it and plain CLIP have a
-    curve."""
-    plain = {seed: r["curve"] for seed, r in runs.get("plain_clip", {}).items() if "curve" in r}
-    return [100 * next(p["colour_shape"] for p in r["curve"] if p["step"] == halfway_step(plain[seed]))
-            for seed, r in runs.get(arm, {}).items() if seed in plain and "curve" in r]
+def halfway_scores(runs: dict[str, dict[int, dict]], arm: str, baseline: str = "plain_clip") -> list[float]:
+    """The arm's colour+shape (points) at each seed's half-way step read off `baseline`'s curve, for the seeds where
+    both have a curve."""
+    base = {seed: r["curve"] for seed, r in runs.get(baseline, {}).items() if "curve" in r}
+    return [100 * next(p["colour_shape"] for p in r["curve"] if p["step"] == halfway_step(base[seed]))
+            for seed, r in runs.get(arm, {}).items() if seed in base and "curve" in r]
 
 
 def difference(d: tuple[float, float | None] | None) -> str:
@@ -328,12 +335,12 @@ def headline_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
     """Issue #16's headline comparisons (HEADLINE) on colour+shape, over the seeds each arm has: the difference at
     the half-way point and at the end, each with its Welch SE, and whether the item's gain holds."""
     lines = []
-    for arm, ref, what, point, least in HEADLINE:
+    for arm, ref, what, point, least, baseline in HEADLINE:
         if arm not in runs or ref not in runs:
             continue
         end = welch([100 * r["colour_shape"] for r in runs[arm].values()],
                     [100 * r["colour_shape"] for r in runs[ref].values()])
-        arm_half, ref_half = halfway_scores(runs, arm), halfway_scores(runs, ref)
+        arm_half, ref_half = halfway_scores(runs, arm, baseline), halfway_scores(runs, ref, baseline)
         half = welch(arm_half, ref_half) if arm_half and ref_half else None
         read = end if point == "end" else half
         if read is None or read[1] is None:
@@ -348,7 +355,8 @@ def headline_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
     if not lines:
         return []
     return ["", "Issue #16's verdicts on colour+shape (test), differences in points with their Welch SE, the half-way "
-                "step read off each seed's plain CLIP curve:", "",
+                "step read off each seed's plain CLIP curve (the last row's: off plain CLIP's on the original "
+                "images):", "",
             "| what | arms | seeds | half-way | end | verdict |", "|---|---|---|---|---|---|", *lines]
 
 

@@ -165,6 +165,30 @@ def test_the_headline_verdicts_apply_issue_16s_thresholds_to_welchs_test() -> No
     assert "| missed" in small["lightclip_no_distill - plain_clip"]  # 1.5 points: many SE, under 2 points
 
 
+def test_item_1_against_the_original_images_reads_the_half_way_step_off_that_baselines_own_curve() -> None:
+    """The row beside the protocol's: distillation minus plain CLIP on the original images, at the checkpoint where
+    that baseline (not plain CLIP on the stored views) is nearest half its end, per seed."""
+    original = [[30.0, 56.0, 74.0, 89.0, 95.0, 95.0], [20.0, 40.0, 49.0, 80.0, 93.0, 96.0],
+                [25.0, 50.0, 70.0, 88.0, 94.0, 94.0]]
+    distill = [[34.0, 56.0, 84.0, 92.0, 96.0, 97.0], [30.0, 50.0, 70.0, 90.0, 97.0, 98.0],
+               [35.0, 60.0, 85.0, 93.0, 96.0, 97.0]]
+    runs = {"plain_clip": {s: {"curve": curve([12.0, 18.0, 22.0, 23.7, 22.8, 20.0]), "colour_shape": 0.2}
+                           for s in range(3)},
+            "plain_clip_original_images": {s: {"curve": curve(c), "colour_shape": c[-1] / 100}
+                                           for s, c in enumerate(original)},
+            "distill_only": {s: {"curve": curve(c), "colour_shape": c[-1] / 100} for s, c in enumerate(distill)}}
+    # brute force: each seed's checkpoint nearest half the baseline's end, among those up to the first at or above it
+    half_index = [1, 2, 1]
+    for c, i in zip(original, half_index):
+        assert all(abs(c[i] - c[-1] / 2) <= abs(c[j] - c[-1] / 2) for j in range(i + 1))
+    gains = [d[i] for d, i in zip(distill, half_index)], [o[i] for o, i in zip(original, half_index)]
+    half = stats.ttest_ind(*gains, equal_var=False)
+    row = next(line for line in ds.headline_lines(runs) if "plain_clip_original_images" in line)
+    diff = sum(gains[0]) / 3 - sum(gains[1]) / 3
+    assert f"| {diff:+.1f} ({half.statistic:.1f} SE) |" in row
+    assert ("| holds" in row) == (diff >= 3 and half.statistic > 2)
+
+
 def test_a_rewritten_section_keeps_its_neighbours_apart_and_rewriting_it_again_changes_nothing(tmp_path,
                                                                                                monkeypatch) -> None:
     import common
