@@ -41,8 +41,9 @@ TEST = ROOT / "artifacts" / "data" / "test"
 VAL = ROOT / "artifacts" / "data" / "val"
 LIGHTCLIP = ["objectives.contrastive.soft_targets=uniform", "objectives.token.enabled=true",
              "objectives.mlm.enabled=true"]  # LightCLIP's three objectives, as params.yaml sets them up
-PLAIN_CLIP = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-              "objectives.mlm.enabled=false", "objectives.distill.enabled=false"]  # CLIP's loss alone
+CLIP_LOSS = ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
+             "objectives.mlm.enabled=false"]  # CLIP's plain targets, no token or MLM term
+PLAIN_CLIP = [*CLIP_LOSS, "objectives.distill.enabled=false"]  # CLIP's loss alone
 ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "default": [],
     "kd_only": ["objectives.distill.feature_weight=0"],
@@ -65,8 +66,7 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "plain_clip": PLAIN_CLIP,
     "lightclip_no_distill": [*LIGHTCLIP, "objectives.distill.enabled=false"],
     "lightclip_distill": [*LIGHTCLIP, "objectives.distill.enabled=true"],  # the default until 2026-12-07
-    "distill_only": ["objectives.contrastive.soft_targets=none", "objectives.token.enabled=false",
-                     "objectives.mlm.enabled=false", "objectives.distill.enabled=true"],
+    "distill_only": [*CLIP_LOSS, "objectives.distill.enabled=true"],
     # issue #16's learning efficiency: plain CLIP's curve run to 3x the default's step budget (its own schedule; 2
     # epochs since issue #15 item 5's screen of 2026-12-07, 3 before: its kept runs on 13f05de1f609 ran 9)
     "plain_clip_3x": [*PLAIN_CLIP, "train.epochs=6.0"],
