@@ -34,13 +34,28 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}{gpu}, torch {torch.__version__}"
 
 
+# Fields added to the schema after benchmark runs were kept, at the value that reproduces what those runs did: left
+# out of a run's key at that value, so the kept runs stay found (and at any other value the key says so).
+KEY_NEUTRAL_FIELDS: dict[tuple[str, ...], Any] = {
+    ("objectives", "distill", "synthetic_filter_margin"): None,  # issue #16's filter, 2026-12-07: off
+}
+
+
 def config_key(cfg, *extra: bytes) -> str:
     """12 hex digits of a hash of the resolved configuration (and `extra`, e.g. the stored views' manifest): what
-    names a kept benchmark run, so that a changed default or changed views never reuse an old one."""
+    names a kept benchmark run, so that a changed default or changed views never reuse an old one. A field of
+    KEY_NEUTRAL_FIELDS at its neutral value is left out."""
     import hashlib
-    import json
 
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    dump = cfg.model_dump(mode="json")
+    for path, neutral in KEY_NEUTRAL_FIELDS.items():
+        *parents, name = path
+        section = dump
+        for part in parents:
+            section = section.get(part, {})
+        if name in section and section[name] == neutral:
+            del section[name]
+    digest = hashlib.sha256(json.dumps(dump, sort_keys=True).encode())
     for part in extra:
         digest.update(part)
     return digest.hexdigest()[:12]

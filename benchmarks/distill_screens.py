@@ -60,6 +60,10 @@ ARMS: dict[str, list[str]] = {  # overrides of params.yaml
     "real_captions": ["objectives.distill.caption_batches=real"],
     "synthetic_captions": ["objectives.distill.caption_batches=synthetic"],
     "both_captions": ["objectives.distill.caption_batches=both"],  # the default until 2026-12-07 (ninth session)
+    # ... and item 1's synthetic-caption filter (data/caption_filter.py) on both batches, at the margin that leaves the
+    # fewest wrong captions in the synthetic batch (benchmarks/caption_filter.py, 2026-12-07, fourteenth session)
+    "both_captions_filtered": ["objectives.distill.caption_batches=both",
+                               "objectives.distill.synthetic_filter_margin=0.1"],
     # issue #16's headline arms on the same stored views, spelled out so that each names the same run whatever the
     # default is: CLIP alone, LightCLIP's three objectives without and with distillation, distillation alone (the
     # default since the three seeds of 2026-12-07)

@@ -221,6 +221,21 @@ class DistillObjectiveConfig(Section):
     feature_weight: float = Field(1.0, ge=0.0, description="L2 feature distillation (Popp et al.): each student "
                                                            "embedding, through a training-only projection per "
                                                            "teacher, towards the teacher's stored one; 0: off")
+    synthetic_filter_margin: float | None = Field(
+        None, allow_inf_nan=False,
+        description="keep a synthetic caption only when the teachers' score of it with the view (mean cosine over "
+                    "the teachers) is at least their score of the ground-truth caption minus this margin; a sample "
+                    "with none kept uses its ground-truth caption in the synthetic batch; null: no filter "
+                    "(data/caption_filter.py)")
+
+    @model_validator(mode="after")
+    def _filter_has_synthetic_captions(self) -> DistillObjectiveConfig:
+        if self.synthetic_filter_margin is not None and (not self.enabled or self.caption_batches == "real"):
+            raise ValueError(f"objectives.distill.synthetic_filter_margin={self.synthetic_filter_margin} filters the "
+                             f"synthetic captions, but distillation with caption_batches={self.caption_batches!r} "
+                             f"(enabled={self.enabled}) uses none: set caption_batches to both or synthetic, or the "
+                             f"margin to null")
+        return self
 
     @field_validator("teacher_scales")
     @classmethod

@@ -2,6 +2,7 @@
 decides its outcome (the resolved configuration and the stored views), whatever arm it was run under."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -55,6 +56,22 @@ def test_the_run_key_follows_the_configuration_and_the_stored_views(reinforced) 
     assert ds.run_key(plain) == ds.config_key(plain, views)
     reinforced.write_text('{"samples": 2}')
     assert ds.run_key(ds.arm_config("default", 0)) != default
+
+
+def test_a_field_added_at_its_neutral_value_leaves_the_keys_of_kept_runs_as_they_were(reinforced) -> None:
+    """The synthetic-caption filter (off) is left out of the key: the key is that of the configuration without the
+    field, as runs kept before it existed were keyed; the filter on is another key."""
+    import hashlib
+
+    cfg = ds.arm_config("both_captions", 0)
+    dump = cfg.model_dump(mode="json")
+    assert dump["objectives"]["distill"].pop("synthetic_filter_margin") is None
+    views = reinforced.read_bytes()
+    before = hashlib.sha256(json.dumps(dump, sort_keys=True).encode())
+    before.update(views)
+    assert ds.config_key(cfg, views) == before.hexdigest()[:12]
+    filtered = ds.arm_config("both_captions", 0, ("objectives.distill.synthetic_filter_margin=0.0",))
+    assert ds.config_key(filtered, views) != ds.config_key(cfg, views)
 
 
 def test_a_kept_run_is_found_under_any_arm_name(reinforced, tmp_path) -> None:

@@ -178,6 +178,7 @@ class DistillationObjective(Objective):
         image, scale = outputs["image_features"], outputs["logit_scale"]
         teacher_image = self._extra(ctx, "teacher_image_emb").to(image.device)
         batches: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        terms: dict[str, torch.Tensor | float] = {}
         if self.caption_batches in ("both", "real"):
             batches["real"] = outputs["text_features"], self._extra(ctx, "teacher_text_emb"), ctx.tokens
         if self.caption_batches in ("both", "synthetic"):
@@ -185,10 +186,11 @@ class DistillationObjective(Objective):
             syn_tokens = (trim_padding(syn_tokens) if ctx.model.ignores_padding() else syn_tokens).to(image.device)
             syn = ctx.model.encode_text(syn_tokens, normalize=True)
             batches["syn"] = syn, teacher_syn, syn_tokens
+            if "syn_kept" in ctx.extras:  # the synthetic-caption filter's share kept in this batch (data/caption_filter)
+                terms["distill_syn_kept"] = ctx.extras["syn_kept"].float().mean()
         # this rank's rows against the global batch: the same gathered image features for both caption batches
         columns = {"all_image_features": gather_with_grad(image), "all_teacher_image": gather_no_grad(teacher_image),
                    "offset": row_offset(image.shape[0])}
-        terms: dict[str, torch.Tensor | float] = {}
         total = image.new_zeros((), dtype=torch.float32)
         if self.feature_weight:
             feature = feature_l2(image, teacher_image, self.image_projections, self.dims)

@@ -2,9 +2,11 @@
 
 A batch is a dict: `images` `[B, 3, S, S]`, `tokens` `[B, L]`, and for a reinforced split the extras the
 distillation objective reads: `syn_tokens` (one synthetic caption per sample), `teacher_image_emb` (the teacher
-ensemble's embedding of the very view the student sees), `teacher_text_emb` and `teacher_syn_text_emb`.
+ensemble's embedding of the very view the student sees), `teacher_text_emb` and `teacher_syn_text_emb`; with the
+synthetic-caption filter on (`objectives.distill.synthetic_filter_margin`), also `syn_kept`: whether the sample's
+synthetic caption passed it (else its ground-truth caption stands in; data/caption_filter.py).
 
-A reinforced sample picks one of its stored augmentations and one synthetic caption from a generator keyed by
+A reinforced sample picks one of its stored augmentations and one (kept) synthetic caption from a generator keyed by
 (train seed, epoch, sample key), so the choice does not depend on worker count or shuffling, and replays the stored
 crop and RandAugment ops at the student's resolution (data/augment.py).
 
@@ -22,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms import functional as TF
 
 from lightclip_core.config import Config, ConfigError
 from lightclip_core.data.augment import AugParams, ReplayableAugment
+from lightclip_core.data.caption_filter import kept_synthetic
 from lightclip_core.data.reinforced import ReinforcementError, decode_reinforcement
 from lightclip_core.data.shards import (ShardStream, decode_caption, decode_image, decoded, iter_raw_samples,
                                         read_manifest, shard_refs)
@@ -36,7 +40,7 @@ from lightclip_core.models.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 
-EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_syn_text_emb")
+EXTRA_KEYS = ("syn_tokens", "teacher_image_emb", "teacher_text_emb", "teacher_syn_text_emb", "syn_kept")
 _FIRST_SAMPLES = 64  # how far require_reinforcement looks for a sample whose reinforcement decodes
 
 
@@ -72,6 +76,8 @@ class ReinforcedDecoder(PairDecoder):
         self.width = int(sum(reinforcement["dims"]))
         self.augment = ReplayableAugment(self.size, interpolation=self.interpolation)
         self.seed = cfg.train.seed
+        self.dims = [int(d) for d in reinforcement["dims"]]
+        self.filter_margin = cfg.objectives.distill.synthetic_filter_margin
 
     def _rng(self, key: str) -> random.Random:
         digest = hashlib.sha256(f"{self.seed}/{self.epoch}/{key}".encode()).digest()
@@ -84,18 +90,26 @@ class ReinforcedDecoder(PairDecoder):
             raise ReinforcementError(f"sample {key!r}: teacher embedding width {r.dim} != {self.width}, the sum of the "
                              f"manifest's teacher dims")
         rng = self._rng(key)
-        a, j = rng.randrange(r.num_augmentations), rng.randrange(r.num_synthetic)
+        a = rng.randrange(r.num_augmentations)
         view = self.augment.apply(decode_image(raw), AugParams.from_json(r.param_aug[a]), size=self.size,
                                   reference_size=self.reference_size)
-        image = TF.normalize(TF.to_tensor(view), self.mean, self.std)
-        return {
-            "images": image,
-            "tokens": tokenize(decode_caption(raw), self.context_length)[0],
-            "syn_tokens": tokenize(r.syn_texts[j], self.context_length)[0],
-            "teacher_image_emb": torch.from_numpy(r.image_emb[a]),
-            "teacher_text_emb": torch.from_numpy(r.text_emb[0]),
-            "teacher_syn_text_emb": torch.from_numpy(r.syn_text_emb[j]),
-        }
+        image, caption = TF.normalize(TF.to_tensor(view), self.mean, self.std), decode_caption(raw)
+        sample = {"images": image, "tokens": tokenize(caption, self.context_length)[0],
+                  "teacher_image_emb": torch.from_numpy(r.image_emb[a]),
+                  "teacher_text_emb": torch.from_numpy(r.text_emb[0])}
+        if self.filter_margin is None:
+            candidates = range(r.num_synthetic)
+        else:
+            candidates = np.flatnonzero(kept_synthetic(r.image_emb[a], r.text_emb[0], r.syn_text_emb, self.dims,
+                                                       self.filter_margin))
+            sample["syn_kept"] = torch.tensor(len(candidates) > 0)
+        if len(candidates):
+            j = int(candidates[rng.randrange(len(candidates))])
+            syn_caption, syn_emb = r.syn_texts[j], r.syn_text_emb[j]
+        else:  # the filter kept none: the ground-truth caption stands in
+            syn_caption, syn_emb = caption, r.text_emb[0]
+        return {**sample, "syn_tokens": tokenize(syn_caption, self.context_length)[0],
+                "teacher_syn_text_emb": torch.from_numpy(syn_emb)}
 
 
 WORKER_KEY = "_worker"  # which (logical) DataLoader worker produced a batch; the position bookkeeping reads it
