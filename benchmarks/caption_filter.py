@@ -11,6 +11,11 @@ or the ground truth standing in for a dropped one. Also: the AUC with which the 
 ground truth) ranks right synthetic captions above wrong ones (scipy's Mann-Whitney U), and the share of the dataset's
 own captions that are wrong (`data.synthetic.noise_fraction` puts one wrong attribute in a tenth of them).
 
+And what the distillation targets already do with a wrong caption (`teacher_targets`): in random batches of
+`train.batch_size` (first stored views), the teachers' target probabilities (image -> text rows, at the scales
+training uses) on a row's own caption when it is right and when it is wrong, and on the captions of the batch that
+are true of the row's image, for the real and for the synthetic caption batch.
+
 The ratio in the table: wrong captions in the synthetic batch without the filter over with it at --margin (> 1: the
 filter leaves fewer wrong captions).
 
@@ -21,43 +26,80 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import mannwhitneyu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, publish  # noqa: E402
 
-from lightclip_core.data.caption_attributes import ATTRIBUTES, parse_caption  # noqa: E402
+from lightclip_core.config import load_config  # noqa: E402
+from lightclip_core.data.caption_attributes import ATTRIBUTES, UNNAMED, NamedAttributes, parse_caption  # noqa: E402
 from lightclip_core.data.caption_filter import teacher_scores  # noqa: E402
 from lightclip_core.data.reinforced import decode_reinforcement  # noqa: E402
 from lightclip_core.data.shards import decode_caption, iter_raw_samples, read_manifest, shard_refs  # noqa: E402
 from lightclip_core.data.reader import decode_meta  # noqa: E402
+from lightclip_core.losses.distill import teacher_probabilities  # noqa: E402
+from lightclip_core.losses.objective import teacher_scales  # noqa: E402
 
 MARGINS = (-0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
-def is_right(caption: str, truth: dict[str, Any]) -> bool:
-    named = parse_caption(caption)
-    return all(getattr(named, a) is None or getattr(named, a) == truth[a] for a in ATTRIBUTES)
+def consistent(caption_codes: np.ndarray, image_codes: np.ndarray) -> np.ndarray:
+    """Whether every attribute a caption names is the image's (the rule of attribute-consistent retrieval); the
+    `[..., 4]` codes broadcast against each other."""
+    return ((caption_codes == UNNAMED) | (caption_codes == image_codes)).all(axis=-1)
 
 
 def collect(data: Path) -> dict[str, np.ndarray]:
-    """Per (sample, view, synthetic caption): the score difference and whether the caption is right; per sample:
-    whether the ground-truth caption is right."""
+    """Per sample: the attribute codes of its image (`truth`), of its own caption and of its synthetic captions;
+    per (view, synthetic caption) the teachers' score difference; the teachers' embeddings of its first view and of
+    its own and first synthetic caption. Also whether each caption is right (`real_right`, `syn_right`)."""
     dims = read_manifest(data)["reinforcement"]["dims"]
-    diffs, syn_right, real_right = [], [], []
+    rows: dict[str, list] = {k: [] for k in ("diff", "truth", "real_codes", "syn_codes", "image", "real_emb",
+                                             "syn_emb")}
     for raw in iter_raw_samples(shard_refs(data)):
         truth, r = decode_meta(raw), decode_reinforcement(raw)
         if not all(a in truth for a in ATTRIBUTES):
             raise SystemExit(f"{data}: sample {raw['__key__']!r} has no true attributes in its json member; this "
                              f"measurement needs the embedded synthetic data")
-        real_right.append(is_right(decode_caption(raw), truth))
-        syn_right.append([is_right(t, truth) for t in r.syn_texts])
-        diffs.append([teacher_scores(view, r.syn_text_emb, dims) - teacher_scores(view, r.text_emb, dims)[0]
-                      for view in r.image_emb])
-    return {"diff": np.array(diffs), "syn_right": np.array(syn_right), "real_right": np.array(real_right)}
+        rows["diff"].append([teacher_scores(view, r.syn_text_emb, dims) - teacher_scores(view, r.text_emb, dims)[0]
+                             for view in r.image_emb])
+        rows["truth"].append(NamedAttributes(**{a: truth[a] for a in ATTRIBUTES}).codes())
+        rows["real_codes"].append(parse_caption(decode_caption(raw)).codes())
+        rows["syn_codes"].append([parse_caption(t).codes() for t in r.syn_texts])
+        rows["image"].append(r.image_emb[0])
+        rows["real_emb"].append(r.text_emb[0])
+        rows["syn_emb"].append(r.syn_text_emb[0])
+    m = {k: np.array(v) for k, v in rows.items()}
+    m["real_right"] = consistent(m["real_codes"], m["truth"])
+    m["syn_right"] = consistent(m["syn_codes"], m["truth"][:, None, :])
+    m["syn_codes"] = m["syn_codes"][:, 0]  # the caption whose embedding `syn_emb` holds
+    return m
+
+
+def target_mass(m: dict[str, np.ndarray], batch: str, dims: list[int], scales: list[float], batch_size: int,
+                seed: int = 0) -> dict[str, float]:
+    """What the distillation targets (the product's `teacher_probabilities`, image -> text rows) hold for the
+    caption batch `batch` ("real" or "syn"), over random batches of `batch_size` samples (first views): the mean
+    target mass on a row's own caption when it is right and when it is wrong, and on the batch's captions that are
+    true of the row's image (every attribute they name is the image's)."""
+    codes, emb = m[f"{batch}_codes"], m[f"{batch}_emb"]
+    order = np.random.default_rng(seed).permutation(len(codes))
+    own = {True: [], False: []}
+    true_mass = {True: [], False: []}
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        p, _ = teacher_probabilities(torch.from_numpy(m["image"][idx]), torch.from_numpy(emb[idx]), dims, scales)
+        fits = consistent(codes[idx][None, :, :], m["truth"][idx][:, None, :])  # [image, caption]
+        p = p.numpy()
+        for i in range(len(idx)):
+            own[bool(fits[i, i])].append(p[i, i])
+            true_mass[bool(fits[i, i])].append(p[i][fits[i]].sum())
+    return {"own_caption_right": float(np.mean(own[True])), "own_caption_wrong": float(np.mean(own[False])),
+            "true_captions_own_right": float(np.mean(true_mass[True])),
+            "true_captions_own_wrong": float(np.mean(true_mass[False])), "rows_wrong": len(own[False])}
 
 
 def at_margin(m: dict[str, np.ndarray], margin: float) -> dict[str, float]:
@@ -82,6 +124,10 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.05, help="the margin the table's row reads")
     args = parser.parse_args()
     m = collect(args.data)
+    cfg, reinforcement = load_config(ROOT / "params.yaml"), read_manifest(args.data)["reinforcement"]
+    dims = [int(d) for d in reinforcement["dims"]]
+    scales = teacher_scales(cfg.objectives.distill, reinforcement)
+    targets = {batch: target_mass(m, batch, dims, scales, cfg.train.batch_size) for batch in ("real", "syn")}
     wrong = np.broadcast_to(~m["syn_right"][:, None, :], m["diff"].shape)
     right_scores, wrong_scores = m["diff"][~wrong], m["diff"][wrong]
     auc = float(mannwhitneyu(right_scores, wrong_scores).statistic / (right_scores.size * wrong_scores.size))
@@ -97,11 +143,12 @@ def main() -> None:
              "synthetic_per_sample": int(m["diff"].shape[2]), "real_captions_wrong": real_wrong,
              "synthetic_captions_wrong": unfiltered,
              "synthetic_right_where_real_wrong": synthetic_right_where_real_wrong, "auc_right_over_wrong": auc,
-             "margins": rows},
+             "margins": rows, "teacher_targets": targets, "teacher_scales": scales},
             f"margin {args.margin}: {100 * chosen['wrong_in_synthetic_batch']:.2f}% wrong captions in the synthetic "
             f"batch ({100 * chosen['kept']:.1f}% of synthetic captions kept, {100 * chosen['wrong_caught']:.1f}% of "
             f"the wrong ones dropped; score AUC right over wrong {auc:.3f}); the dataset's own captions "
-            f"{100 * real_wrong:.1f}% wrong",
+            f"{100 * real_wrong:.1f}% wrong, the teachers' targets on such a caption "
+            f"{targets['real']['own_caption_wrong']:.3f} (on a right one {targets['real']['own_caption_right']:.3f})",
             f"no filter: {100 * unfiltered:.2f}% wrong synthetic captions", unfiltered /
             max(chosen["wrong_in_synthetic_batch"], 1e-12), command)
 

@@ -144,3 +144,33 @@ def test_the_benchmarks_reading_of_a_margin_matches_a_sample_by_sample_count():
     assert got["kept"] == pytest.approx(kept / 360)
     assert got["wrong_caught"] == pytest.approx(wrong_dropped / wrong_total)
     assert got["wrong_in_synthetic_batch"] == pytest.approx(wrong_in_batch / slots)
+
+
+def test_the_benchmarks_target_mass_matches_a_softmax_row_by_row():
+    """benchmarks/caption_filter.py's reading of the distillation targets, against torch's softmax of one teacher's
+    scaled cosines row by row and a direct check of which captions are true of which image."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import caption_filter as bench
+
+    rng = np.random.default_rng(4)
+    n, width, scale = 24, 6, 9.0
+    truth = rng.integers(0, 3, size=(n, 4))
+    codes = np.where(rng.random((n, 4)) < 0.3, -1, np.where(rng.random((n, 4)) < 0.2, (truth + 1) % 3, truth))
+    m = {"image": rng.normal(size=(n, width)).astype(np.float32), "truth": truth, "real_codes": codes,
+         "real_emb": rng.normal(size=(n, width)).astype(np.float32)}
+    got = bench.target_mass(m, "real", [width], [scale], batch_size=8, seed=5)
+    order = np.random.default_rng(5).permutation(n)
+    own, true = {True: [], False: []}, {True: [], False: []}
+    for start in range(0, n, 8):
+        idx = order[start:start + 8]
+        image = F.normalize(torch.from_numpy(m["image"][idx]), dim=1)
+        text = F.normalize(torch.from_numpy(m["real_emb"][idx]), dim=1)
+        for i in range(8):
+            row = torch.softmax(scale * text @ image[i], dim=0).numpy()
+            fits = [all(c == -1 or c == t for c, t in zip(codes[j], truth[idx[i]])) for j in idx]
+            own[fits[i]].append(row[i])
+            true[fits[i]].append(sum(p for p, ok in zip(row, fits) if ok))
+    assert got["own_caption_right"] == pytest.approx(np.mean(own[True]), abs=1e-6)
+    assert got["own_caption_wrong"] == pytest.approx(np.mean(own[False]), abs=1e-6)
+    assert got["true_captions_own_right"] == pytest.approx(np.mean(true[True]), abs=1e-6)
+    assert got["true_captions_own_wrong"] == pytest.approx(np.mean(true[False]), abs=1e-6)

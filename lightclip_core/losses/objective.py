@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightclip_core.config import Config, ConfigError
+from lightclip_core.config import Config, ConfigError, DistillObjectiveConfig
 from lightclip_core.infra.distributed import global_mean
 from lightclip_core.losses.base import StepContext
 from lightclip_core.losses.distill import DistillationObjective
@@ -83,17 +83,24 @@ def build_objectives(cfg: Config, model: nn.Module, reinforcement: dict[str, Any
         if reinforcement is None:
             raise ConfigError("objectives.distill.enabled=true: the training split is not reinforced; run "
                               "`lightclip reinforce` or set objectives.distill.enabled=false")
-        teachers = len(reinforcement["dims"])
-        scales = reinforcement["scales"] if d.teacher_scales is None else d.teacher_scales
-        if d.teacher_scales is not None and len(scales) == 1:
-            scales = list(scales) * teachers  # one fixed scale for every teacher, as MobileCLIP's 100
-        if len(scales) != teachers:
-            raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
-                              f"{teachers} teachers (give one scale for all, or one per teacher)")
-        objectives.append(DistillationObjective(reinforcement["dims"], scales, d.lam, d.caption_batches,
+        objectives.append(DistillationObjective(reinforcement["dims"], teacher_scales(d, reinforcement), d.lam,
+                                                d.caption_batches,
                                                 weight=d.weight, feature_weight=d.feature_weight,
                                                 embed_dim=cfg.model.embed_dim, clip=contrastive))
     return nn.ModuleList(objectives)
+
+
+def teacher_scales(d: DistillObjectiveConfig, reinforcement: dict[str, Any]) -> list[float]:
+    """The fixed scale of each teacher the distillation targets use: `d.teacher_scales` (one for all, or one per
+    teacher), else the reinforced split's manifest's."""
+    teachers = len(reinforcement["dims"])
+    scales = list(reinforcement["scales"] if d.teacher_scales is None else d.teacher_scales)
+    if d.teacher_scales is not None and len(scales) == 1:
+        scales = scales * teachers  # one fixed scale for every teacher, as MobileCLIP's 100
+    if len(scales) != teachers:
+        raise ConfigError(f"objectives.distill.teacher_scales={d.teacher_scales}: the reinforced split has "
+                          f"{teachers} teachers (give one scale for all, or one per teacher)")
+    return [float(x) for x in scales]
 
 
 def forward_needs(objectives: nn.ModuleList) -> dict[str, object]:
