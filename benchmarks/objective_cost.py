@@ -1,9 +1,9 @@
 """Issue #16 item 4: what LightCLIP's three objectives cost per training step, with and without distillation.
 
 The four headline arms of `distill_screens.py` (plain CLIP, the objectives alone, distillation alone: the default,
-both) are built side by side in one process by the trainer's own builder (`build_training_modules`: model,
-objectives, `TrainingLoss`, optimizer, channels-last images; captions trimmed as the trainer trims them), from
-`params.yaml` plus the arm's overrides, and take their optimizer steps in turn on the same batches of the committed stored views
+both) are built side by side in one process as the trainer builds them (`build_model`, `build_objectives`,
+`TrainingLoss`, `build_optimizer`, channels-last images, trimmed captions), from `params.yaml` plus the arm's
+overrides, and take their optimizer steps in turn on the same batches of the committed stored views
 (`artifacts/reinforced/train`): at every step each arm does zero_grad, forward, backward, gradient clipping and the
 AdamW step on that step's batch, the order rotating from step to step. A pair's figure is the median over steps of
 the two arms' time ratio on the same batch, seconds apart, so that the drift of a shared machine cancels (the
@@ -23,14 +23,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_screens  # noqa: E402
 from common import publish  # noqa: E402
 
+from lightclip_core.losses.objective import TrainingLoss, build_objectives  # noqa: E402
+from lightclip_core.models import build_model  # noqa: E402
 from lightclip_core.models.tokenizer import trim_padding  # noqa: E402
 from lightclip_core.train.data import EXTRA_KEYS, make_loader, reinforcement_of  # noqa: E402
-from lightclip_core.train.trainer import build_training_modules, plan_steps  # noqa: E402
+from lightclip_core.train.trainer import build_optimizer, plan_steps  # noqa: E402
 
 ARMS = ("plain_clip", "lightclip_no_distill", "distill_only", "lightclip_distill")
 PAIRS = {"objectives_over_clip": ("lightclip_no_distill", "plain_clip"),
@@ -39,23 +42,30 @@ PAIRS = {"objectives_over_clip": ("lightclip_no_distill", "plain_clip"),
 
 
 class Arm:
-    """One arm's model, objectives and optimizer, built by the trainer's own builder; `step` times one optimizer
-    step."""
+    """One arm's model, objectives and optimizer, built as the trainer builds them; `step` times one optimizer step."""
 
     def __init__(self, name: str):
         self.cfg = cfg = distill_screens.arm_config(name, 0)
         torch.manual_seed(cfg.train.seed)
-        self.modules = build_training_modules(cfg, reinforcement_of(distill_screens.TRAIN))
-        self.modules.loss.train()
+        model = build_model(cfg.model)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model.visual.to(memory_format=self.memory_format)
+        objectives = build_objectives(cfg, model, reinforcement_of(distill_screens.TRAIN))
+        self.loss = TrainingLoss(model, objectives).train()
+        self.optimizer = build_optimizer(model, cfg, objectives)
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> float:
-        images = batch["images"].contiguous(memory_format=self.modules.memory_format)
+        images = batch["images"].contiguous(memory_format=self.memory_format)
         extras = {k: batch[k] for k in EXTRA_KEYS if k in batch}
         start = time.perf_counter()
-        self.modules.optimizer.zero_grad(set_to_none=True)
-        loss, _, _ = self.modules.loss(images, batch["tokens"], step, total_steps, extras)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = self.loss(images, batch["tokens"], step, total_steps, extras)
         loss.backward()
-        self.modules.update(self.cfg.train.grad_clip)
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.parameters, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.loss.after_step()
         return time.perf_counter() - start
 
 

@@ -221,12 +221,9 @@ class DistillObjectiveConfig(Section):
     feature_weight: float = Field(1.0, ge=0.0, description="L2 feature distillation (Popp et al.): each student "
                                                            "embedding, through a training-only projection per "
                                                            "teacher, towards the teacher's stored one; 0: off")
-    synthetic_filter_margin: float | None = Field(
-        None, allow_inf_nan=False,
-        description="keep a synthetic caption only when the teachers' score of it with the view (mean cosine over "
-                    "the teachers) is at least their score of the ground-truth caption minus this margin; a sample "
-                    "with none kept uses its ground-truth caption in the synthetic batch; null: no filter "
-                    "(data/caption_filter.py)")
+    synthetic_filter_margin: float | None = Field(None, allow_inf_nan=False, description="keep a synthetic caption "
+        "only when the teachers' score of it with the view is >= the ground truth's minus this margin (else the ground "
+        "truth stands in); null: no filter (data/caption_filter.py)")
 
     @model_validator(mode="after")
     def _filter_has_synthetic_captions(self) -> DistillObjectiveConfig:

@@ -118,51 +118,6 @@ def build_optimizer(model: nn.Module, cfg: Config, objectives: nn.Module | None 
     return adamw(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
-@dataclass
-class TrainingModules:
-    """A run's model (its image tower in `memory_format`), objectives, their summed loss (`TrainingLoss`) and the
-    optimizer, as `train` builds them before a checkpoint is loaded; `start_model`: the weights of `model.init_from`,
-    None without. benchmarks/objective_cost.py builds its arms here too."""
-
-    model: nn.Module
-    objectives: nn.Module
-    loss: TrainingLoss
-    optimizer: torch.optim.Optimizer
-    memory_format: torch.memory_format
-    start_model: dict[str, torch.Tensor] | None = None
-    parameters: list[nn.Parameter] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def update(self, grad_clip: float, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
-        """The optimizer step once the gradients are in: clipping to `grad_clip` (0: none), AdamW, the schedule's
-        step, then the objectives' own after-step (their EMA copies)."""
-        if grad_clip:
-            nn.utils.clip_grad_norm_(self.parameters, grad_clip)
-        self.optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        self.loss.after_step()
-
-
-def build_training_modules(cfg: Config, reinforcement: dict[str, Any] | None,
-                           device: torch.device = torch.device("cpu"),
-                           start: dict[str, torch.Tensor] | None = None) -> TrainingModules:
-    """The model, objectives, loss and optimizer `cfg` trains, on `device`, drawing their initial weights from the
-    global RNG in a fixed order (seed it first); `reinforcement`: the training split's manifest section (the
-    distillation objective's teachers), None for a plain split; `start`: `model.init_from`'s weights."""
-    model = build_model(cfg.model).to(device)
-    start_model = load_start(model, start, cfg.model.start_source())  # before the objectives copy the model
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.visual.to(memory_format=memory_format)
-    if cfg.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    objectives = build_objectives(cfg, model, reinforcement).to(device)
-    return TrainingModules(model, objectives, TrainingLoss(model, objectives), build_optimizer(model, cfg, objectives),
-                           memory_format, start_model)
-
-
 def plan_steps(cfg: Config, num_samples: int) -> tuple[int, int]:
     """(nominal steps per epoch, total steps). Every step sees a full global batch (partial batches are dropped);
     an epoch is one pass over the split, or `train.samples_per_epoch` samples."""
@@ -309,12 +264,18 @@ class _Trainer:
             raise ConfigError(f"--data {self.train_dir}: {len(manifest['shards'])} shards for {world.world_size} "
                               f"ranks; each rank reads whole shards, so the split needs at least one per rank")
         _, total_steps = plan_steps(cfg, manifest["num_samples"])
-        modules = build_training_modules(cfg, reinforcement_of(self.train_dir), device, self.start)
-        model, objectives, loss_module, optimizer = (modules.model, modules.objectives, modules.loss,
-                                                     modules.optimizer)
-        start_model, memory_format = modules.start_model, modules.memory_format
+        model = build_model(cfg.model).to(device)
+        start_model = load_start(model, self.start, cfg.model.start_source())  # before the objectives copy the model
         trim = model.ignores_padding()  # padding columns no caption uses are dropped where that is exact
         saved_start = {START_KEY: start_model} if start_model is not None else {}
+        memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        model.visual.to(memory_format=memory_format)
+        if t.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        objectives = build_objectives(cfg, model, reinforcement_of(self.train_dir)).to(device)
+        loss_module = TrainingLoss(model, objectives)
+        optimizer = build_optimizer(model, cfg, objectives)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
         loader, stream = make_loader(cfg, self.train_dir, world.rank, world.world_size,
                                      pin_memory=device.type == "cuda")
@@ -385,7 +346,11 @@ class _Trainer:
                             (loss / len(micro)).backward()
                         for k, v in terms.items():
                             sums[k] = sums.get(k, 0.0) + v / len(micro)
-                    modules.update(t.grad_clip, scheduler)
+                    if t.grad_clip:
+                        nn.utils.clip_grad_norm_(parameters, t.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    loss_module.after_step()
                     step += 1
 
                     now = time.perf_counter()
